@@ -1,0 +1,355 @@
+"""The Severstal folder as one table: a row per image with its path, size and 4 RLE strings.
+
+``scan`` reads ``DATA_DIR/train.csv`` (current or original format) and ``DATA_DIR/train_images/``
+and returns the table with every problem it found; ``load`` is the strict form used for
+training; ``split`` makes the train/validation split; ``save`` and ``read`` keep the table as
+Parquet.
+"""
+
+import csv
+import os
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from steelseg import rle
+from steelseg.errors import RLEError, SteelsegError
+
+CLASS_IDS = (1, 2, 3, 4)
+RLE_COLUMNS = [f"rle_{c}" for c in CLASS_IDS]
+HAS_COLUMNS = [f"has_{c}" for c in CLASS_IDS]
+CURRENT_HEADER = ("ImageId", "ClassId", "EncodedPixels")
+ORIGINAL_HEADER = ("ImageId_ClassId", "EncodedPixels")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the data set, tied to an image where there is one."""
+
+    where: str
+    message: str
+    image_id: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+class DataProblems(SteelsegError):
+    """A data set with problems was loaded for training."""
+
+    def __init__(self, problems: Sequence[Problem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(map(str, self.problems)))
+
+
+@dataclass(frozen=True)
+class MaskRow:
+    image_id: str
+    class_id: int
+    rle: str
+    line: int
+
+
+def modality_dir(modality: str) -> str:
+    """``train_images`` for the visible modality, ``train_images_<name>`` for any other."""
+    return "train_images" if modality == "visible" else f"train_images_{modality}"
+
+
+def read_masks(csv_path: Path) -> tuple[list[MaskRow], list[Problem]]:
+    """Read train.csv in either format into non-empty mask rows and per-row problems.
+
+    Raises:
+        SteelsegError: the file is missing or its header is neither known format.
+    """
+    try:
+        with open(csv_path, newline="") as f:
+            return _read_mask_rows(csv.reader(f), csv_path.name)
+    except FileNotFoundError:
+        raise SteelsegError(f"{csv_path}: no such file") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise SteelsegError(f"{csv_path}: not a readable CSV file ({e})") from None
+
+
+def _read_mask_rows(reader, name: str) -> tuple[list[MaskRow], list[Problem]]:
+    header = tuple(next(reader, ()))
+    if header not in (CURRENT_HEADER, ORIGINAL_HEADER):
+        raise SteelsegError(
+            f"{name}: header {','.join(header)!r} is neither "
+            f"{','.join(CURRENT_HEADER)!r} nor {','.join(ORIGINAL_HEADER)!r}"
+        )
+    rows, problems, seen = [], [], {}
+    for fields in reader:
+        where = f"{name} row {reader.line_num}"
+        if not fields:
+            continue
+        if len(fields) != len(header):
+            problems.append(Problem(where, f"expected {len(header)} fields, found {len(fields)}"))
+            continue
+        if header == CURRENT_HEADER:
+            image_id, class_text, encoded = fields
+        else:
+            key, encoded = fields
+            image_id, _, class_text = key.rpartition("_")
+            if not image_id:
+                problems.append(Problem(where, f"ImageId_ClassId {key!r} has no '_<ClassId>'"))
+                continue
+        if class_text not in {str(c) for c in CLASS_IDS}:
+            problems.append(Problem(where, f"ClassId {class_text!r} is not one of 1..4", image_id))
+            continue
+        class_id = int(class_text)
+        if (image_id, class_id) in seen:
+            first = seen[(image_id, class_id)]
+            problems.append(
+                Problem(where, f"duplicate of row {first} ({image_id} class {class_id})", image_id)
+            )
+            continue
+        seen[(image_id, class_id)] = reader.line_num
+        if encoded.strip():
+            rows.append(MaskRow(image_id, class_id, encoded.strip(), reader.line_num))
+    return rows, problems
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    height: int = 0
+    width: int = 0
+    channels: int = 0
+    error: str = ""
+
+
+def inspect_image(path: Path, *, decode: bool = True) -> ImageInfo:
+    """Size and channel count of an image; with ``decode`` the pixels are read too, which is
+    what finds a truncated JPEG."""
+    try:
+        with Image.open(path) as im:
+            if decode:
+                im.load()
+            return ImageInfo(im.height, im.width, len(im.getbands()))
+    except (OSError, SyntaxError, ValueError) as e:
+        return ImageInfo(error=f"unreadable image ({e})")
+
+
+def _inspect_all(paths: Sequence[Path], decode: bool) -> list[ImageInfo]:
+    # PIL releases the GIL while it decodes, so threads use every core.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(lambda p: inspect_image(p, decode=decode), paths, chunksize=64))
+
+
+def _check_images(
+    images: pd.DataFrame, expected_size: tuple[int, int] | None, decode: bool, folder: str
+) -> tuple[tuple[int, int] | None, list[Problem]]:
+    infos = _inspect_all([Path(p) for p in images["path"]], decode)
+    images["height"] = [i.height for i in infos]
+    images["width"] = [i.width for i in infos]
+    readable = [(i.height, i.width) for i in infos if not i.error]
+    if expected_size is None and readable:
+        expected_size = Counter(readable).most_common(1)[0][0]
+    problems = []
+    for image_id, info in zip(images["image_id"], infos):
+        where = f"{folder}/{image_id}"
+        if info.error:
+            problems.append(Problem(where, info.error, image_id))
+        elif (info.height, info.width) != expected_size:
+            h, w = expected_size
+            problems.append(
+                Problem(where, f"size {info.height}x{info.width} (HxW), expected {h}x{w}", image_id)
+            )
+        elif info.channels != 3:
+            problems.append(Problem(where, f"{info.channels} channel(s), expected 3", image_id))
+    return expected_size, problems
+
+
+def _check_rle(
+    table: pd.DataFrame, rows: list[MaskRow], skip: set[str], csv_name: str
+) -> list[Problem]:
+    """Problems with the RLE strings, except for images already reported (their size is moot)."""
+    size = dict(zip(table["image_id"], zip(table["height"], table["width"])))
+    problems = []
+    for row in rows:
+        if row.image_id in skip:
+            continue
+        height, width = size[row.image_id]
+        try:
+            rle.run_lengths(row.rle, height, width, image_id=row.image_id, class_id=row.class_id)
+        except RLEError as e:
+            problems.append(Problem(f"{csv_name} row {row.line}", str(e), row.image_id))
+    return problems
+
+
+def _list_images(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        raise SteelsegError(f"{folder}: no such folder of images")
+    return sorted(p.name for p in folder.iterdir() if p.suffix.lower() in {".jpg", ".jpeg"})
+
+
+def scan(
+    data_dir: str | os.PathLike,
+    *,
+    modalities: Sequence[str] = ("visible",),
+    expected_size: tuple[int, int] | None = None,
+    decode_images: bool = True,
+) -> tuple[pd.DataFrame, list[Problem]]:
+    """Read a Severstal folder and check every CSV row and every image.
+
+    Args:
+        data_dir: holds ``train.csv`` and ``train_images/`` (and ``train_images_<m>/`` for every
+            extra modality ``m``, with the same file names).
+        modalities: image folders to read, in channel order; the first defines the image list.
+        expected_size: (height, width) every image must have; by default the most common size.
+        decode_images: read every image's pixels (finds truncated JPEGs) rather than headers.
+
+    Returns:
+        The table (a row per image in the first modality's folder, defect-free ones included,
+        columns ``image_id, path, path_<m>..., height, width, rle_1..rle_4, has_1..has_4``)
+        and the list of problems, empty for a clean data set.
+
+    Raises:
+        SteelsegError: a missing folder or CSV, or a CSV header of neither known format.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise SteelsegError(f"{data_dir}: no such data folder")
+    rows, problems = read_masks(data_dir / "train.csv")
+    first = modality_dir(modalities[0])
+    image_ids = _list_images(data_dir / first)
+    table = pd.DataFrame({"image_id": image_ids})
+    table["path"] = [str(data_dir / first / i) for i in image_ids]
+    expected_size, image_problems = _check_images(table, expected_size, decode_images, first)
+    for modality in modalities[1:]:
+        image_problems += _add_modality(table, data_dir, modality, expected_size, decode_images)
+    problems += image_problems
+
+    known = set(image_ids)
+    for row in rows:
+        if row.image_id not in known:
+            message = f"image {row.image_id} is not in {first}/"
+            problems.append(Problem(f"train.csv row {row.line}", message, row.image_id))
+    rows = [r for r in rows if r.image_id in known]
+    bad_images = {p.image_id for p in image_problems}
+    problems += _check_rle(table, rows, bad_images, "train.csv")
+    _add_masks(table, rows)
+    return table, problems
+
+
+def _add_modality(
+    table: pd.DataFrame,
+    data_dir: Path,
+    modality: str,
+    expected_size: tuple[int, int] | None,
+    decode_images: bool,
+) -> list[Problem]:
+    folder = modality_dir(modality)
+    if not (data_dir / folder).is_dir():
+        raise SteelsegError(f"{data_dir / folder}: no such folder for modality {modality!r}")
+    paths = [data_dir / folder / i for i in table["image_id"]]
+    table[f"path_{modality}"] = [str(p) for p in paths]
+    present = [p.is_file() for p in paths]
+    problems = [
+        Problem(f"{folder}/{p.name}", f"missing (modality {modality!r})", p.name)
+        for p, ok in zip(paths, present)
+        if not ok
+    ]
+    found = table.loc[present, ["image_id", f"path_{modality}"]].rename(
+        columns={f"path_{modality}": "path"}
+    )
+    _, more = _check_images(found, expected_size, decode_images, folder)
+    return problems + more
+
+
+def _add_masks(table: pd.DataFrame, rows: list[MaskRow]) -> None:
+    position = {image_id: i for i, image_id in enumerate(table["image_id"])}
+    columns = {c: [""] * len(table) for c in CLASS_IDS}
+    for row in rows:
+        columns[row.class_id][position[row.image_id]] = row.rle
+    for c in CLASS_IDS:
+        table[f"rle_{c}"] = columns[c]
+        table[f"has_{c}"] = table[f"rle_{c}"] != ""
+
+
+def load(
+    data_dir: str | os.PathLike,
+    *,
+    modalities: Sequence[str] = ("visible",),
+    drop_bad: bool = False,
+    report=print,
+) -> pd.DataFrame:
+    """The table of a data set for training: fails on any problem unless ``drop_bad``.
+
+    Raises:
+        DataProblems: the data set has problems and ``drop_bad`` is off; its message lists
+            them, one a line, as ``steelseg validate`` prints them.
+    """
+    table, problems = scan(data_dir, modalities=modalities)
+    if not problems:
+        return table
+    if not drop_bad:
+        raise DataProblems(problems)
+    bad = {p.image_id for p in problems}
+    if None in bad:
+        raise DataProblems([p for p in problems if p.image_id is None])
+    keep = ~table["image_id"].isin(bad)
+    report(
+        f"dropped {int((~keep).sum())} of {len(table)} images for {len(problems)} problems "
+        f"(steelseg validate {data_dir} lists them)"
+    )
+    return table[keep].reset_index(drop=True)
+
+
+def presence_pattern(table: pd.DataFrame) -> pd.Series:
+    """'0010' for an image with class 3 only, '0000' for a defect-free image."""
+    return table[HAS_COLUMNS].astype(int).astype(str).agg("".join, axis=1)
+
+
+def split(
+    table: pd.DataFrame, *, val_fraction: float = 0.2, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A deterministic train/validation split by image, stratified on the class-presence pattern.
+
+    The result depends only on the image ids, their patterns and the seed, not on row order.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise SteelsegError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    table = table.sort_values("image_id").reset_index(drop=True)
+    rng = np.random.default_rng(seed)
+    is_val = np.zeros(len(table), dtype=bool)
+    for _, index in sorted(table.groupby(presence_pattern(table)).indices.items()):
+        chosen = rng.permutation(index)[: round(val_fraction * len(index))]
+        is_val[chosen] = True
+    return table[~is_val].reset_index(drop=True), table[is_val].reset_index(drop=True)
+
+
+def save(table: pd.DataFrame, path: str | os.PathLike) -> None:
+    table.to_parquet(path, engine="pyarrow", index=False)
+
+
+def read(path: str | os.PathLike) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path, engine="pyarrow")
+    except (FileNotFoundError, OSError) as e:
+        raise SteelsegError(f"{path}: cannot read catalog ({e})") from None
+
+
+def summary(table: pd.DataFrame) -> dict:
+    """Counts a user compares with DATA.md: masks and mean area per class, defect-free share."""
+    n = len(table)
+    masks = {c: int(table[f"has_{c}"].sum()) for c in CLASS_IDS}
+    n_classes = table[HAS_COLUMNS].sum(axis=1)
+    area = {}
+    for c in CLASS_IDS:
+        rows = table[table[f"has_{c}"]]
+        pixels = [rle.area(*r) for r in rows[[f"rle_{c}", "height", "width"]].itertuples(False)]
+        sizes = rows["height"] * rows["width"]
+        area[c] = float(np.mean(np.array(pixels) / sizes)) if len(pixels) else 0.0
+    return {
+        "images": n,
+        "defect_free": int((n_classes == 0).sum()),
+        "images_by_class_count": {k: int((n_classes == k).sum()) for k in (1, 2, 3, 4)},
+        "masks": masks,
+        "mean_area_fraction": area,
+    }

@@ -1,0 +1,40 @@
+import pytest
+
+from steelseg.cli import main
+
+
+def test_synth_then_validate_prints_statistics(tmp_path, capsys):
+    out = tmp_path / "d"
+    assert main(["synth", str(out), "--images", "40", "--height", "32", "--width", "160"]) == 0
+    assert main(["validate", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "40 images" in printed and "real data 47%" in printed
+    assert printed.strip().endswith(f"0 problem(s) in {out}")
+
+
+def test_broken_csv_row_is_one_line_naming_the_row_and_exit_1(data_copy, capsys):
+    with open(data_copy / "train.csv", "a") as f:
+        f.write("ghost.jpg,3,1 2 3\n")
+    assert main(["validate", str(data_copy)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    problem_lines = [line for line in out if line.startswith("train.csv row")]
+    assert len(problem_lines) == 1
+    assert "train.csv row" in problem_lines[0] and "ghost.jpg" in problem_lines[0]
+    assert out[-1] == f"1 problem(s) in {data_copy}"
+
+
+def test_bad_path_is_one_line_error(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no such data folder" in err and "Traceback" not in err
+
+
+def test_bad_size_flag(synth_dir, capsys):
+    assert main(["validate", str(synth_dir), "--size", "big"]) == 1
+    assert "expected HEIGHTxWIDTH" in capsys.readouterr().err
+
+
+def test_unknown_subcommand_exits_nonzero():
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 2
