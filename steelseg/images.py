@@ -1,0 +1,52 @@
+"""Reading an image and its extra modalities into one (H, W, C) uint8 array.
+
+The visible image gives 3 channels (the paper's input, R = G = B on Severstal data); every extra
+modality (``train_images_<m>/``, same file name) gives one more grey channel, in the configured
+order: early fusion.
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from steelseg.errors import SteelsegError
+
+
+def in_channels(modalities: Sequence[str]) -> int:
+    """Model input channels for a modality list whose first entry is the visible image."""
+    return 3 + len(modalities) - 1
+
+
+def read_image(path: str, mode: str = "RGB") -> np.ndarray:
+    """(H, W, 3) for mode RGB, (H, W) for mode L.
+
+    Raises:
+        SteelsegError: a missing or unreadable file, named.
+    """
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert(mode))
+    except FileNotFoundError:
+        raise SteelsegError(f"{path}: no such image") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise SteelsegError(f"{path}: unreadable image ({e})") from None
+
+
+def read_stack(paths: Sequence[str]) -> np.ndarray:
+    """The visible image at ``paths[0]`` (3 channels) and one grey channel per further path.
+
+    Raises:
+        SteelsegError: a missing or unreadable file, or modalities of different sizes.
+    """
+    visible = read_image(paths[0], "RGB")
+    if len(paths) == 1:
+        return visible
+    channels = [visible] + [read_image(p, "L")[:, :, None] for p in paths[1:]]
+    for path, channel in zip(paths[1:], channels[1:]):
+        if channel.shape[:2] != visible.shape[:2]:
+            raise SteelsegError(
+                f"{path}: size {channel.shape[0]}x{channel.shape[1]} differs from the visible "
+                f"image's {visible.shape[0]}x{visible.shape[1]}"
+            )
+    return np.concatenate(channels, axis=2)

@@ -1,0 +1,97 @@
+"""The paper's network: a U-Net whose encoder is torchvision's resnet18.
+
+Read top to bottom: ``conv_relu`` -> ``UNet``. Skips from the five encoder stages pass through
+1x1 conv + ReLU adapters; the decoder upsamples bilinearly (x2, align_corners=True) and fuses
+each skip with 3x3 conv + ReLU; a full-resolution branch on the input joins after the last
+upsample; a 1x1 head gives one logit per class and pixel.
+
+With ``in_channels`` > 3 the stacked imaging modalities enter both the encoder's first conv and
+the full-resolution branch (early fusion). This module does no I/O: ``steelseg.pretrained``
+loads encoder weights into it.
+"""
+
+import torch
+import torchvision
+from torch import nn
+
+ENCODER_STRIDE = 32
+
+
+def conv_relu(in_channels: int, out_channels: int, kernel: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2), nn.ReLU(inplace=True)
+    )
+
+
+class UNet(nn.Module):
+    """ResNet18 U-Net.
+
+    Args:
+        n_classes: output channels, one logit per class.
+        in_channels: input channels; 3 for the visible images, more for fused modalities.
+
+    Shape:
+        input (N, in_channels, H, W) with H and W divisible by 32; output (N, n_classes, H, W).
+    """
+
+    def __init__(self, n_classes: int = 4, in_channels: int = 3):
+        super().__init__()
+        self.n_classes = n_classes
+        self.in_channels = in_channels
+        self.encoder = torchvision.models.resnet18(weights=None)
+        del self.encoder.fc  # classification head, unused
+        if in_channels != 3:
+            self.encoder.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+
+        self.layer0_1x1 = conv_relu(64, 64, 1)
+        self.layer1_1x1 = conv_relu(64, 64, 1)
+        self.layer2_1x1 = conv_relu(128, 128, 1)
+        self.layer3_1x1 = conv_relu(256, 256, 1)
+        self.layer4_1x1 = conv_relu(512, 512, 1)
+
+        self.upsample = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+        self.conv_up3 = conv_relu(256 + 512, 512, 3)
+        self.conv_up2 = conv_relu(128 + 512, 256, 3)
+        self.conv_up1 = conv_relu(64 + 256, 256, 3)
+        self.conv_up0 = conv_relu(64 + 256, 128, 3)
+
+        self.conv_original_size0 = conv_relu(in_channels, 64, 3)
+        self.conv_original_size1 = conv_relu(64, 64, 3)
+        self.conv_original_size2 = conv_relu(64 + 128, 64, 3)
+        self.conv_last = nn.Conv2d(64, n_classes, 1)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The five encoder stages at strides 2, 4, 8, 16 and 32."""
+        e = self.encoder
+        layer0 = e.relu(e.bn1(e.conv1(x)))
+        layer1 = e.layer1(e.maxpool(layer0))
+        layer2 = e.layer2(layer1)
+        layer3 = e.layer3(layer2)
+        layer4 = e.layer4(layer3)
+        return [layer0, layer1, layer2, layer3, layer4]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        if height % ENCODER_STRIDE or width % ENCODER_STRIDE:
+            raise ValueError(
+                f"UNet input height and width must be divisible by {ENCODER_STRIDE}, "
+                f"got {height}x{width}"
+            )
+        x_original = self.conv_original_size1(self.conv_original_size0(x))
+        layer0, layer1, layer2, layer3, layer4 = self.encode(x)
+
+        x = self.upsample(self.layer4_1x1(layer4))
+        x = self.conv_up3(torch.cat([x, self.layer3_1x1(layer3)], dim=1))
+        x = self.upsample(x)
+        x = self.conv_up2(torch.cat([x, self.layer2_1x1(layer2)], dim=1))
+        x = self.upsample(x)
+        x = self.conv_up1(torch.cat([x, self.layer1_1x1(layer1)], dim=1))
+        x = self.upsample(x)
+        x = self.conv_up0(torch.cat([x, self.layer0_1x1(layer0)], dim=1))
+        x = self.upsample(x)
+        x = self.conv_original_size2(torch.cat([x, x_original], dim=1))
+        return self.conv_last(x)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
