@@ -10,6 +10,8 @@ the full-resolution branch (early fusion). This module does no I/O: ``steelseg.p
 loads encoder weights into it.
 """
 
+import math
+
 import torch
 import torchvision
 from torch import nn
@@ -95,3 +97,26 @@ class UNet(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def init_weights(model: UNet, head_prior: float = 0.01) -> UNet:
+    """Initialisation for training from random weights.
+
+    He initialisation for the decoder convs (PyTorch's default is scaled for no ReLU); the last
+    BatchNorm of every residual block set to zero, so each block starts as the identity; and
+    the head's bias at the log-odds of ``head_prior``, so the first steps do not spend
+    themselves pushing 99% background pixels down, which is how the paper's recipe collapsed to
+    predicting no defect at all. Pretrained encoder weights, if any, are loaded after this.
+    """
+    for name, module in model.named_modules():
+        if name.startswith("encoder"):
+            continue
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+    e = model.encoder
+    for block in (*e.layer1, *e.layer2, *e.layer3, *e.layer4):
+        nn.init.zeros_(block.bn2.weight)
+    nn.init.normal_(model.conv_last.weight, std=0.01)
+    nn.init.constant_(model.conv_last.bias, math.log(head_prior / (1 - head_prior)))
+    return model

@@ -1,0 +1,133 @@
+"""Ray Data pipelines from the catalog table to the Train workers.
+
+Rows hold paths and RLE strings; ``map_batches`` reads the JPEGs and decodes the masks into
+uint8 NumPy batches (``image`` (B, H, W, C), ``mask`` (B, H, W) with bit c set for class c + 1,
+so all four classes cost one byte a pixel in the object store); the training set is then
+augmented with albumentations. Floats appear only on the worker (``steelseg.engine``).
+
+Shuffling happens on the table, before decoding, with a seed that changes every epoch but is
+the same in every run, so each epoch sees new batches and new augmentations, repeatably.
+"""
+
+import zlib
+from functools import lru_cache
+
+import albumentations as A
+import numpy as np
+import pandas as pd
+import ray
+import ray.data
+
+from steelseg import rle
+from steelseg.catalog import RLE_COLUMNS
+from steelseg.config import TrainConfig
+from steelseg.errors import SteelsegError
+from steelseg.images import read_stack
+
+ROWS_PER_BLOCK = 32
+
+
+def pack_bits(masks: np.ndarray) -> np.ndarray:
+    """(4, H, W) 0/1 masks -> (H, W) uint8 with bit c set where class c + 1 is."""
+    bits = np.zeros(masks.shape[1:], dtype=np.uint8)
+    for c in range(masks.shape[0]):
+        bits |= masks[c] << np.uint8(c)
+    return bits
+
+
+def path_columns(modalities: list[str]) -> list[str]:
+    return ["path"] + [f"path_{m}" for m in modalities[1:]]
+
+
+def read_batch(batch: dict[str, np.ndarray], modalities: list[str]) -> dict[str, np.ndarray]:
+    """Catalog rows -> uint8 ``image`` (B, H, W, C) and ``mask`` (B, H, W) class bits."""
+    columns = path_columns(modalities)
+    images, masks = [], []
+    for i, image_id in enumerate(batch["image_id"]):
+        image = read_stack([batch[c][i] for c in columns])
+        height, width = image.shape[:2]
+        strings = [batch[c][i] for c in RLE_COLUMNS]
+        decoded = rle.decode_classes(strings, height, width, image_id=image_id)
+        images.append(image)
+        masks.append(pack_bits(decoded))
+    return {"image": np.stack(images), "mask": np.stack(masks), "image_id": batch["image_id"]}
+
+
+@lru_cache(maxsize=4)
+def augmentation(crop_height: int, crop_width: int) -> A.Compose:
+    steps = [A.RandomCrop(crop_height, crop_width)] if crop_height else []
+    steps += [
+        A.HorizontalFlip(p=0.5),
+        A.VerticalFlip(p=0.5),
+        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
+    ]
+    return A.Compose(steps)
+
+
+def batch_seed(seed: int, image_ids: np.ndarray) -> int:
+    """Depends on the batch's images, which the per-epoch shuffle changes: new augmentations
+    every epoch, the same ones in every run with the same seed."""
+    return zlib.crc32(("|".join(map(str, image_ids)) + f"|{seed}").encode())
+
+
+def augment_batch(
+    batch: dict[str, np.ndarray], crop_height: int, crop_width: int, seed: int
+) -> dict[str, np.ndarray]:
+    """Random crop, flips and brightness/contrast, the same geometry on image and mask."""
+    compose = augmentation(crop_height, crop_width)
+    compose.set_random_seed(batch_seed(seed, batch["image_id"]))
+    out = [compose(image=img, mask=msk) for img, msk in zip(batch["image"], batch["mask"])]
+    return {
+        "image": np.stack([o["image"] for o in out]),
+        "mask": np.stack([o["mask"] for o in out]),
+    }
+
+
+def _from_table(table: pd.DataFrame, modalities: list[str]) -> ray.data.Dataset:
+    columns = ["image_id", *path_columns(modalities), *RLE_COLUMNS]
+    n_blocks = max(1, -(-len(table) // ROWS_PER_BLOCK))
+    blocks = [table.iloc[i::n_blocks][columns].reset_index(drop=True) for i in range(n_blocks)]
+    return ray.data.from_pandas(blocks)
+
+
+def check_crop(config: TrainConfig, table: pd.DataFrame) -> None:
+    height, width = int(table["height"].min()), int(table["width"].min())
+    if config.crop_height > height or config.crop_width > width:
+        raise SteelsegError(
+            f"config crop {config.crop_height}x{config.crop_width} is larger than the images "
+            f"({height}x{width})"
+        )
+    if bool(config.crop_height) != bool(config.crop_width):
+        raise SteelsegError("config crop_height and crop_width must both be set or both be 0")
+    if not config.crop_height and (height % 32 or width % 32):
+        raise SteelsegError(
+            f"images are {height}x{width}, not multiples of 32: set crop_height and crop_width"
+        )
+
+
+def train_dataset(table: pd.DataFrame, config: TrainConfig) -> ray.data.Dataset:
+    check_crop(config, table)
+    shuffle_seed = ray.data.RandomSeedConfig(seed=config.seed, reseed_after_execution=True)
+    return (
+        _from_table(table, config.modalities)
+        .random_shuffle(seed=shuffle_seed)
+        .map_batches(read_batch, fn_kwargs={"modalities": config.modalities}, batch_size=8)
+        .map_batches(
+            augment_batch,
+            fn_kwargs={
+                "crop_height": config.crop_height,
+                "crop_width": config.crop_width,
+                "seed": config.seed,
+            },
+            batch_size=8,
+        )
+    )
+
+
+def val_dataset(table: pd.DataFrame, config: TrainConfig) -> ray.data.Dataset:
+    """Whole images, nothing random."""
+    return (
+        _from_table(table, config.modalities)
+        .map_batches(read_batch, fn_kwargs={"modalities": config.modalities}, batch_size=8)
+        .drop_columns(["image_id"])
+    )

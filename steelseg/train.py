@@ -1,0 +1,339 @@
+"""Distributed training on Ray: Ray Data feeds ``TorchTrainer`` workers that run DDP.
+
+``fit(config)`` is the one entry point (``ray_jobs/train.py``, tests and Tune call it). It loads
+and splits the data set, builds the pipelines and starts the trainer; ``train_loop_per_worker``
+runs on every worker. Only rank 0 writes TensorBoard logs and checkpoint files; every rank calls
+``ray.train.report`` once per epoch.
+
+A run lives in ``<storage>/<name>/``: Ray's checkpoints (best K by val Dice, and the latest),
+``tensorboard/``, and ``split.parquet`` (the catalog with each image's split). Rerunning with
+the same storage and name continues from the latest checkpoint.
+"""
+
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from steelseg import catalog, engine, pipeline, synth
+from steelseg.config import TrainConfig
+from steelseg.errors import SteelsegError
+from steelseg.figures import truth_vs_prediction
+
+CHECKPOINT_FILE = "checkpoint.pt"
+SCORE = "val_kaggle_dice"
+LOG_EVERY_STEPS = 10
+
+
+def demo_data(config: TrainConfig) -> Path:
+    """The cached synthetic data set used when ``config.data`` is empty; made once."""
+    cache = Path(os.path.expanduser(os.environ.get("STEELSEG_CACHE", "~/.cache/steelseg")))
+    name = (
+        f"demo-{config.synth_images}-{config.synth_height}x{config.synth_width}-seed{config.seed}"
+    )
+    folder = cache / name
+    if (folder / "train.csv").exists():
+        return folder
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        synth.write_dataset(
+            Path(tmp) / "d",
+            config.synth_images,
+            height=config.synth_height,
+            width=config.synth_width,
+            seed=config.seed,
+            modalities=config.modalities,
+        )
+        os.replace(Path(tmp) / "d", folder)
+    return folder
+
+
+def load_split(config: TrainConfig, report=print) -> tuple[pd.DataFrame, pd.DataFrame]:
+    data = Path(config.data) if config.data else demo_data(config)
+    table = catalog.load(
+        data, modalities=config.modalities, drop_bad=config.drop_bad, report=report
+    )
+    if len(table) < 2 * config.num_workers:
+        raise SteelsegError(
+            f"{data}: {len(table)} images are too few for {config.num_workers} workers"
+        )
+    return catalog.split(table, val_fraction=config.val_fraction, seed=config.seed)
+
+
+def steps_per_epoch(config: TrainConfig, n_train: int) -> int:
+    """Optimizer steps per epoch on every rank (Ray splits the rows equally)."""
+    batches = math.ceil((n_train // config.num_workers) / config.batch_size)
+    return math.ceil(batches / config.grad_accum)
+
+
+def save_split(run_dir: Path, train: pd.DataFrame, val: pd.DataFrame) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    table = pd.concat([train.assign(split="train"), val.assign(split="val")], ignore_index=True)
+    catalog.save(table, run_dir / "split.parquet")
+
+
+def init_ray(config: TrainConfig) -> None:
+    """Attach to ``RAY_ADDRESS`` (as under ``ray job submit``) or start a local Ray with CPUs for
+    the workers and the data pipeline."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    needed = math.ceil(config.num_workers * config.cpus_per_worker) + 1
+    ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
+
+
+def fit(config: TrainConfig) -> ray.train.Result:
+    """Train (or resume) the run ``<storage>/<name>`` and return Ray's result."""
+    train_table, val_table = load_split(config)
+    save_split(config.run_dir, train_table, val_table)
+    init_ray(config)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": config.to_dict(),
+            "steps_per_epoch": steps_per_epoch(config, len(train_table)),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=config.name,
+            storage_path=config.storage_path,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.keep_checkpoints,
+                checkpoint_score_attribute=SCORE,
+                checkpoint_score_order="max",
+            ),
+        ),
+        datasets={
+            "train": pipeline.train_dataset(train_table, config),
+            "val": pipeline.val_dataset(val_table, config),
+        },
+    )
+    return trainer.fit()
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    config = TrainConfig.from_dict(loop_config["config"])
+    steps = loop_config["steps_per_epoch"]
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+    amp = config.amp and device.type == "cuda"
+
+    torch.manual_seed(config.seed)
+    model = engine.build_model(config)
+    if amp:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = engine.build_optimizer(config, model)
+    scheduler = engine.build_scheduler(config, optimizer, steps * config.epochs)
+    start_epoch, global_step = restore(model, optimizer, scheduler)
+    model = ray.train.torch.prepare_model(model)
+    bare = model.module if hasattr(model, "module") else model
+    loss_fn = engine.build_loss(config).to(device)
+    writer = tensorboard_writer(config, global_step) if rank == 0 else None
+    nodes = count_nodes()
+
+    for epoch in range(start_epoch, config.epochs):
+        started = time.perf_counter()
+
+        train_batches = ray.train.get_dataset_shard("train").iter_torch_batches(
+            batch_size=config.batch_size
+        )
+        train_sum, train_n = engine.train_one_epoch(
+            model,
+            train_batches,
+            loss_fn,
+            optimizer,
+            scheduler,
+            device,
+            amp=amp,
+            grad_accum=config.grad_accum,
+            on_step=step_logger(writer, rank, epoch, config.epochs, global_step),
+        )
+        global_step += math.ceil(train_n / config.batch_size)
+        val_batches = ray.train.get_dataset_shard("val").iter_torch_batches(
+            batch_size=config.batch_size
+        )
+        val_sum, val_n, counts, samples = engine.evaluate(
+            bare,
+            val_batches,
+            loss_fn,
+            device,
+            threshold=config.threshold,
+            amp=amp,
+            keep=config.log_images if rank == 0 else 0,
+        )
+        counts.all_reduce()
+        sums = all_reduce_sums([train_sum, train_n, val_sum, val_n], device)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": sums[0] / max(sums[1], 1),
+            "val_loss": sums[2] / max(sums[3], 1),
+            "train_images": int(sums[1]),
+            "val_images": int(sums[3]),
+            "lr": scheduler.get_last_lr()[0],
+            "images_per_s": sums[1] / (time.perf_counter() - started),
+            "nodes": nodes,
+            **peak_memory(device),
+            **counts.compute().as_dict("val_"),
+        }
+        checkpoint = None
+        if rank == 0:
+            log_epoch(writer, metrics, samples, global_step)
+            print(
+                f"epoch {epoch + 1}/{config.epochs}: train loss {metrics['train_loss']:.4f}, "
+                f"val loss {metrics['val_loss']:.4f}, val Dice {metrics[SCORE]:.4f} "
+                f"(all-empty {metrics['val_empty_baseline']:.4f}, defects "
+                f"{metrics['val_dice_nonempty']:.4f}), {metrics['images_per_s']:.1f} img/s",
+                flush=True,
+            )
+            state = {
+                "model": bare.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": None,  # bf16 autocast needs no GradScaler
+                "epoch": epoch + 1,
+                "global_step": global_step,
+                "config": config.to_dict(),
+                "metrics": metrics,
+            }
+            checkpoint = write_checkpoint(state)
+        ray.train.report(
+            metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch + 1:04d}"
+        )
+    if writer:
+        writer.close()
+
+
+def step_logger(writer, rank: int, epoch: int, epochs: int, first_step: int):
+    """The per-batch callback: train loss per step to TensorBoard, a progress line now and then."""
+
+    def on_step(i: int, loss: float, n: int) -> None:
+        if writer:
+            writer.add_scalar("train/loss_step", loss, first_step + i)
+        if rank == 0 and (i + 1) % LOG_EVERY_STEPS == 0:
+            print(f"epoch {epoch + 1}/{epochs} batch {i + 1} loss {loss:.4f}", flush=True)
+
+    return on_step
+
+
+def restore(model, optimizer, scheduler) -> tuple[int, int]:
+    """Load the latest checkpoint of this run, if any; returns (next epoch, global step)."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, 0
+    with checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["epoch"], state["global_step"]
+
+
+def write_checkpoint(state: dict) -> ray.train.Checkpoint:
+    folder = tempfile.mkdtemp(prefix="steelseg-ckpt-")
+    torch.save(state, Path(folder) / CHECKPOINT_FILE)
+    return ray.train.Checkpoint.from_directory(folder)
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[torch.nn.Module, TrainConfig, dict]:
+    """Rebuild the trained model from a checkpoint directory alone: (model, config, state)."""
+    file = Path(path) / CHECKPOINT_FILE
+    if not file.is_file():
+        raise SteelsegError(f"{path}: not a steelseg checkpoint (no {CHECKPOINT_FILE})")
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    config = TrainConfig.from_dict(state["config"], str(file))
+    model = engine.build_model(config.replace(pretrained=""))
+    model.load_state_dict(state["model"])
+    return model.eval(), config, state
+
+
+def all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
+    sums = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    return sums.tolist()
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak resident memory of the worker processes (and GPU memory), the largest over ranks."""
+    peaks = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20]
+    if device.type == "cuda":
+        peaks.append(torch.cuda.max_memory_allocated(device) / 2**30)
+    values = torch.tensor(peaks, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    names = ["peak_worker_rss_gib", "peak_gpu_memory_gib"]
+    return dict(zip(names, values.tolist()))
+
+
+def count_nodes() -> int:
+    """Distinct nodes among the ranks (every rank takes part)."""
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    nodes = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return len(set(nodes))
+
+
+def tensorboard_writer(config: TrainConfig, global_step: int):
+    from torch.utils.tensorboard import SummaryWriter
+
+    # purge_step drops events a crashed attempt wrote past the checkpoint we resume from
+    return SummaryWriter(str(config.run_dir / "tensorboard"), purge_step=global_step or None)
+
+
+def log_epoch(writer, metrics: dict, samples: list, step: int) -> None:
+    """Epoch-level curves on the same step axis as the per-step loss."""
+    writer.add_scalar("loss/train", metrics["train_loss"], step)
+    writer.add_scalar("loss/val", metrics["val_loss"], step)
+    writer.add_scalar("lr", metrics["lr"], step)
+    writer.add_scalar("epoch", metrics["epoch"], step)
+    for key, value in metrics.items():
+        if key.startswith("val_") and key != "val_loss" and np.isfinite(value):
+            writer.add_scalar(f"val/{key.removeprefix('val_')}", value, step)
+    if samples:
+        figure = truth_vs_prediction([(i.numpy(), t.numpy(), p.numpy()) for i, t, p in samples])
+        writer.add_image("val/truth_vs_prediction", figure, step, dataformats="HWC")
+    writer.flush()
+
+
+def report_result(result: ray.train.Result) -> int:
+    """Print where the run's checkpoints and logs are; 0 if it finished, 1 if it failed."""
+    if result.error:
+        print(f"steelseg: error: training failed: {result.error}", file=sys.stderr)
+        return 1
+    run_dir = Path(result.path)
+    metrics = result.metrics or {}
+    best = result.get_best_checkpoint(SCORE, "max") if result.best_checkpoints else None
+    if metrics:
+        print(
+            f"finished epoch {metrics['epoch']}: val Dice {metrics[SCORE]:.4f} "
+            f"(all-empty baseline {metrics['val_empty_baseline']:.4f})"
+        )
+    print(f"run:          {run_dir}")
+    print(f"checkpoint:   {best.path if best else None} (best val Dice)")
+    print(f"latest:       {result.checkpoint.path if result.checkpoint else None}")
+    print(f"tensorboard:  tensorboard --logdir {run_dir / 'tensorboard'}")
+    return 0
