@@ -100,6 +100,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     try:
         return run(args)
+    except catalog.DataProblems as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        print(
+            f"steelseg: error: {len(e.problems)} data problem(s); fix them or drop the images "
+            "they concern with --drop-bad",
+            file=sys.stderr,
+        )
+        return 1
     except SteelsegError as e:
         print(f"steelseg: error: {e}", file=sys.stderr)
         return 1

@@ -39,6 +39,7 @@ HELP = {
     "num_workers": "Ray Train workers (DDP ranks)",
     "use_gpu": "one GPU per worker",
     "cpus_per_worker": "CPUs reserved per worker",
+    "placement_strategy": "PACK workers on few nodes or SPREAD them over many",
     "amp": "bf16 autocast and channels_last on GPU",
     "max_failures": "worker failures to recover from, from the last checkpoint",
     "keep_checkpoints": "checkpoints kept, best by val Dice (the latest is kept too)",
@@ -60,8 +61,8 @@ class TrainConfig:
     modalities: list[str] = field(default_factory=lambda: ["visible"])
     drop_bad: bool = False
 
-    epochs: int = 4
-    batch_size: int = 8
+    epochs: int = 8
+    batch_size: int = 4
     grad_accum: int = 1
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -81,13 +82,14 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"
     amp: bool = True
     max_failures: int = 2
     keep_checkpoints: int = 3
     log_images: int = 4
-    synth_images: int = 240
-    synth_height: int = 64
-    synth_width: int = 320
+    synth_images: int = 320
+    synth_height: int = 32
+    synth_width: int = 160
 
     def __post_init__(self) -> None:
         self.validate()
@@ -117,6 +119,11 @@ class TrainConfig:
         if not self.modalities or self.modalities[0] != "visible":
             raise SteelsegError(
                 f"config modalities must start with 'visible', got {self.modalities}"
+            )
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise SteelsegError(
+                f"config placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
+                f"got {self.placement_strategy!r}"
             )
         if self.pos_weight is not None and len(self.pos_weight) != 4:
             raise SteelsegError(f"config pos_weight needs 4 values, got {self.pos_weight}")

@@ -6,10 +6,12 @@ runs on every worker. Only rank 0 writes TensorBoard logs and checkpoint files; 
 ``ray.train.report`` once per epoch.
 
 A run lives in ``<storage>/<name>/``: Ray's checkpoints (best K by val Dice, and the latest),
-``tensorboard/``, and ``split.parquet`` (the catalog with each image's split). Rerunning with
+``tensorboard/``, ``history.jsonl`` (every epoch's metrics) and ``split.parquet`` (the catalog
+with each image's split). Rerunning with
 the same storage and name continues from the latest checkpoint.
 """
 
+import json
 import math
 import os
 import resource
@@ -34,6 +36,7 @@ from steelseg.errors import SteelsegError
 from steelseg.figures import truth_vs_prediction
 
 CHECKPOINT_FILE = "checkpoint.pt"
+HISTORY_FILE = "history.jsonl"
 SCORE = "val_kaggle_dice"
 LOG_EVERY_STEPS = 10
 
@@ -94,7 +97,7 @@ def init_ray(config: TrainConfig) -> None:
         ray.init()
         return
     needed = math.ceil(config.num_workers * config.cpus_per_worker) + 1
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
+    ray.init(num_cpus=max(os.cpu_count() or 1, needed))
 
 
 def fit(config: TrainConfig) -> ray.train.Result:
@@ -102,7 +105,9 @@ def fit(config: TrainConfig) -> ray.train.Result:
     train_table, val_table = load_split(config)
     save_split(config.run_dir, train_table, val_table)
     init_ray(config)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = False
+    data_context.print_on_execution_start = False
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -113,6 +118,7 @@ def fit(config: TrainConfig) -> ray.train.Result:
             num_workers=config.num_workers,
             use_gpu=config.use_gpu,
             resources_per_worker={"CPU": config.cpus_per_worker},
+            placement_strategy=config.placement_strategy,
         ),
         run_config=RunConfig(
             name=config.name,
@@ -151,6 +157,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     bare = model.module if hasattr(model, "module") else model
     loss_fn = engine.build_loss(config).to(device)
     writer = tensorboard_writer(config, global_step) if rank == 0 else None
+    if rank == 0:
+        trim_history(config.run_dir, start_epoch)
     nodes = count_nodes()
 
     for epoch in range(start_epoch, config.epochs):
@@ -200,6 +208,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         checkpoint = None
         if rank == 0:
             log_epoch(writer, metrics, samples, global_step)
+            append_history(config.run_dir, metrics)
             print(
                 f"epoch {epoch + 1}/{config.epochs}: train loss {metrics['train_loss']:.4f}, "
                 f"val loss {metrics['val_loss']:.4f}, val Dice {metrics[SCORE]:.4f} "
@@ -266,6 +275,33 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[torch.nn.Module, TrainConf
     model = engine.build_model(config.replace(pretrained=""))
     model.load_state_dict(state["model"])
     return model.eval(), config, state
+
+
+def append_history(run_dir: Path, metrics: dict) -> None:
+    """One JSON line per epoch; undefined scores (NaN, e.g. a class absent from val) as null."""
+    clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
+    with open(run_dir / HISTORY_FILE, "a") as f:
+        f.write(json.dumps(clean) + "\n")
+
+
+def trim_history(run_dir: Path, last_epoch: int) -> None:
+    """Drop epochs after the checkpoint we resume from (a failed attempt's)."""
+    kept = [m for m in _history_rows(run_dir) if m["epoch"] <= last_epoch]
+    (run_dir / HISTORY_FILE).write_text("".join(json.dumps(m) + "\n" for m in kept))
+
+
+def _history_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / HISTORY_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_history(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """Every epoch's metrics of a run, in order: what each epoch reported, resumes included."""
+    history = pd.DataFrame(_history_rows(Path(run_dir)))
+    undefined = [c for c in history.columns if history[c].dtype == object]  # all null
+    return history.astype(dict.fromkeys(undefined, float))
 
 
 def all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
