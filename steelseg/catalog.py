@@ -212,9 +212,9 @@ def scan(
     Raises:
         SteelsegError: a missing folder or CSV, or a CSV header of neither known format.
     """
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
+    if not Path(data_dir).is_dir():
         raise SteelsegError(f"{data_dir}: no such data folder")
+    data_dir = Path(data_dir).resolve()
     rows, problems = read_masks(data_dir / "train.csv")
     first = modality_dir(modalities[0])
     image_ids = _list_images(data_dir / first)

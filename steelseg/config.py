@@ -136,6 +136,15 @@ class TrainConfig:
     def run_dir(self) -> Path:
         return Path(self.storage_path) / self.name
 
+    def resolved(self) -> "TrainConfig":
+        """A copy whose data and weights paths are absolute, as workers on other nodes (or with
+        another working directory) need them."""
+        pretrained = self.pretrained
+        if pretrained and pretrained != "imagenet":
+            pretrained = str(Path(os.path.expanduser(pretrained)).resolve())
+        data = str(Path(os.path.expanduser(self.data)).resolve()) if self.data else ""
+        return self.replace(data=data, pretrained=pretrained, storage=self.storage_path)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -102,6 +102,7 @@ def init_ray(config: TrainConfig) -> None:
 
 def fit(config: TrainConfig) -> ray.train.Result:
     """Train (or resume) the run ``<storage>/<name>`` and return Ray's result."""
+    config = config.resolved()
     train_table, val_table = load_split(config)
     save_split(config.run_dir, train_table, val_table)
     init_ray(config)
@@ -178,6 +179,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             grad_accum=config.grad_accum,
             on_step=step_logger(writer, rank, epoch, config.epochs, global_step),
         )
+        train_seconds = time.perf_counter() - started
         global_step += math.ceil(train_n / config.batch_size)
         val_batches = ray.train.get_dataset_shard("val").iter_torch_batches(
             batch_size=config.batch_size
@@ -200,7 +202,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "train_images": int(sums[1]),
             "val_images": int(sums[3]),
             "lr": scheduler.get_last_lr()[0],
-            "images_per_s": sums[1] / (time.perf_counter() - started),
+            "images_per_s": sums[1] / train_seconds,  # training pass, all workers
             "nodes": nodes,
             **peak_memory(device),
             **counts.compute().as_dict("val_"),

@@ -108,3 +108,12 @@ def test_train_job_refuses_bad_data_with_the_validate_lines(data_copy, tmp_path)
     lines = out.stderr.strip().splitlines()
     assert lines[0].startswith("train.csv row") and "ghost.jpg is not in train_images/" in lines[0]
     assert lines[-1].startswith("steelseg: error: 1 data problem(s)") and "--drop-bad" in lines[-1]
+
+
+def test_resolved_paths_are_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig(data="d", pretrained="w.pth", storage="runs").resolved()
+    assert config.data == str(tmp_path / "d") and config.pretrained == str(tmp_path / "w.pth")
+    assert config.storage == str(tmp_path / "runs")
+    assert TrainConfig(pretrained="imagenet").resolved().pretrained == "imagenet"
+    assert TrainConfig().resolved().data == ""
