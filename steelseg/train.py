@@ -100,8 +100,11 @@ def init_ray(config: TrainConfig) -> None:
     ray.init(num_cpus=max(os.cpu_count() or 1, needed))
 
 
-def fit(config: TrainConfig) -> ray.train.Result:
-    """Train (or resume) the run ``<storage>/<name>`` and return Ray's result."""
+def fit(config: TrainConfig, callbacks: list | None = None) -> ray.train.Result:
+    """Train (or resume) the run ``<storage>/<name>`` and return Ray's result.
+
+    ``callbacks``: Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` in a sweep's trial.
+    """
     config = config.resolved()
     train_table, val_table = load_split(config)
     save_split(config.run_dir, train_table, val_table)
@@ -125,6 +128,7 @@ def fit(config: TrainConfig) -> ray.train.Result:
             name=config.name,
             storage_path=config.storage_path,
             failure_config=FailureConfig(max_failures=config.max_failures),
+            callbacks=callbacks,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.keep_checkpoints,
                 checkpoint_score_attribute=SCORE,

@@ -1,4 +1,4 @@
-"""Ray Train runs on a two-node Ray cluster on this machine (one session for all tests here)."""
+"""Ray Train runs on the two-node Ray cluster of conftest.py (one session for all Ray tests)."""
 
 import os
 import signal
@@ -6,12 +6,9 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
-from steelseg import rle
 from steelseg.config import TrainConfig
 
 ray = pytest.importorskip("ray")
@@ -20,43 +17,8 @@ pytestmark = pytest.mark.ray
 H, W = 32, 160
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    from ray.cluster_utils import Cluster
-
-    two_nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    two_nodes.add_node(num_cpus=2)
-    ray.init(address=two_nodes.address, log_to_driver=False)
-    yield two_nodes
-    ray.shutdown()
-    two_nodes.shutdown()
-
-
-@pytest.fixture(scope="module")
-def easy_dir(tmp_path_factory) -> Path:
-    """An easy set in the Severstal layout: bright class-3 bars and dark class-4 blocks on
-    grey noise, so that a few dozen steps visibly learn."""
-    out = tmp_path_factory.mktemp("easy")
-    (out / "train_images").mkdir()
-    rng = np.random.default_rng(0)
-    rows = ["ImageId,ClassId,EncodedPixels"]
-    for i in range(64):
-        image = rng.normal(100, 8, (H, W)).clip(0, 255)
-        name = f"{i:09x}.jpg"
-        if i % 4:
-            class_id, value = (3, 200) if i % 2 else (4, 20)
-            mask = np.zeros((H, W), np.uint8)
-            x0, y0 = rng.integers(0, W - 48), rng.integers(0, H - 16)
-            mask[y0 : y0 + 16, x0 : x0 + 48] = 1
-            image[mask == 1] = value
-            rows.append(f"{name},{class_id},{rle.encode(mask)}")
-        rgb = np.repeat(image.astype(np.uint8)[..., None], 3, axis=2)
-        Image.fromarray(rgb).save(out / "train_images" / name, quality=95)
-    (out / "train.csv").write_text("\n".join(rows) + "\n")
-    return out
-
-
 def config(data: Path, storage: Path, **changes) -> TrainConfig:
+    """A small, fast run on the easy set: 2 workers spread over the 2 nodes."""
     values = dict(
         data=str(data),
         storage=str(storage),
