@@ -9,6 +9,7 @@ the worker's device.
 import math
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -70,15 +71,22 @@ def unpack_masks(bits: torch.Tensor) -> torch.Tensor:
     return ((bits.unsqueeze(1) >> shifts) & 1).float()
 
 
+@lru_cache(maxsize=8)
+def normalisation(channels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (1, C, 1, 1) on the device, made once: building them every batch
+    would be a blocking host-to-device copy per step."""
+    mean = torch.tensor(RGB_MEAN + (EXTRA_MEAN,) * (channels - 3), device=device)
+    std = torch.tensor(RGB_STD + (EXTRA_STD,) * (channels - 3), device=device)
+    return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+
+
 def to_inputs(
     batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 batch -> normalised float images (B, C, H, W) and targets (B, 4, H, W)."""
     image = batch["image"].to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-    channels = image.shape[1]
-    mean = torch.tensor(RGB_MEAN + (EXTRA_MEAN,) * (channels - 3), device=device)
-    std = torch.tensor(RGB_STD + (EXTRA_STD,) * (channels - 3), device=device)
-    image = (image - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    mean, std = normalisation(image.shape[1], device)
+    image = (image - mean) / std
     if channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
     return image, unpack_masks(batch["mask"].to(device, non_blocking=True))
