@@ -11,6 +11,7 @@ with each image's split). Rerunning with
 the same storage and name continues from the latest checkpoint.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -211,7 +213,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             **peak_memory(device),
             **counts.compute().as_dict("val_"),
         }
-        checkpoint = None
+        state = None
         if rank == 0:
             log_epoch(writer, metrics, samples, global_step)
             append_history(config.run_dir, metrics)
@@ -232,10 +234,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 "config": config.to_dict(),
                 "metrics": metrics,
             }
-            checkpoint = write_checkpoint(state)
-        ray.train.report(
-            metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch + 1:04d}"
-        )
+        with staged_checkpoint(state) as checkpoint:
+            ray.train.report(
+                metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch + 1:04d}"
+            )
     if writer:
         writer.close()
 
@@ -265,10 +267,16 @@ def restore(model, optimizer, scheduler) -> tuple[int, int]:
     return state["epoch"], state["global_step"]
 
 
-def write_checkpoint(state: dict) -> ray.train.Checkpoint:
-    folder = tempfile.mkdtemp(prefix="steelseg-ckpt-")
-    torch.save(state, Path(folder) / CHECKPOINT_FILE)
-    return ray.train.Checkpoint.from_directory(folder)
+@contextlib.contextmanager
+def staged_checkpoint(state: dict | None) -> Iterator[ray.train.Checkpoint | None]:
+    """A checkpoint of ``state`` in a local folder that lives until the report has copied it
+    to storage (a synchronous upload), then is deleted: a checkpoint holds ~200 MB."""
+    if state is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="steelseg-ckpt-") as folder:
+        torch.save(state, Path(folder) / CHECKPOINT_FILE)
+        yield ray.train.Checkpoint.from_directory(folder)
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[torch.nn.Module, TrainConfig, dict]:
