@@ -12,7 +12,6 @@ the same storage and name continues from the latest checkpoint.
 """
 
 import contextlib
-import json
 import math
 import os
 import resource
@@ -36,10 +35,13 @@ from steelseg import catalog, engine, pipeline, synth
 from steelseg.config import TrainConfig
 from steelseg.errors import SteelsegError
 from steelseg.figures import truth_vs_prediction
+from steelseg.runs import (
+    CHECKPOINT_FILE,
+    SCORE,
+    append_history,
+    trim_history,
+)
 
-CHECKPOINT_FILE = "checkpoint.pt"
-HISTORY_FILE = "history.jsonl"
-SCORE = "val_kaggle_dice"
 LOG_EVERY_STEPS = 10
 
 
@@ -277,45 +279,6 @@ def staged_checkpoint(state: dict | None) -> Iterator[ray.train.Checkpoint | Non
     with tempfile.TemporaryDirectory(prefix="steelseg-ckpt-") as folder:
         torch.save(state, Path(folder) / CHECKPOINT_FILE)
         yield ray.train.Checkpoint.from_directory(folder)
-
-
-def load_checkpoint(path: str | os.PathLike) -> tuple[torch.nn.Module, TrainConfig, dict]:
-    """Rebuild the trained model from a checkpoint directory alone: (model, config, state)."""
-    file = Path(path) / CHECKPOINT_FILE
-    if not file.is_file():
-        raise SteelsegError(f"{path}: not a steelseg checkpoint (no {CHECKPOINT_FILE})")
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    config = TrainConfig.from_dict(state["config"], str(file))
-    model = engine.build_model(config.replace(pretrained=""))
-    model.load_state_dict(state["model"])
-    return model.eval(), config, state
-
-
-def append_history(run_dir: Path, metrics: dict) -> None:
-    """One JSON line per epoch; undefined scores (NaN, e.g. a class absent from val) as null."""
-    clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
-    with open(run_dir / HISTORY_FILE, "a") as f:
-        f.write(json.dumps(clean) + "\n")
-
-
-def trim_history(run_dir: Path, last_epoch: int) -> None:
-    """Drop epochs after the checkpoint we resume from (a failed attempt's)."""
-    kept = [m for m in _history_rows(run_dir) if m["epoch"] <= last_epoch]
-    (run_dir / HISTORY_FILE).write_text("".join(json.dumps(m) + "\n" for m in kept))
-
-
-def _history_rows(run_dir: Path) -> list[dict]:
-    path = run_dir / HISTORY_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def read_history(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """Every epoch's metrics of a run, in order: what each epoch reported, resumes included."""
-    history = pd.DataFrame(_history_rows(Path(run_dir)))
-    undefined = [c for c in history.columns if history[c].dtype == object]  # all null
-    return history.astype(dict.fromkeys(undefined, float))
 
 
 def all_reduce_sums(values: list[float], device: torch.device) -> list[float]:

@@ -38,7 +38,8 @@ def config(data: Path, storage: Path, **changes) -> TrainConfig:
 def test_two_worker_ddp_on_two_nodes_learns_and_logs(cluster, easy_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from steelseg.train import fit, read_history
+    from steelseg.runs import read_history
+    from steelseg.train import fit
 
     result = fit(config(easy_dir, tmp_path, epochs=4))
     assert result.error is None
@@ -64,7 +65,8 @@ def test_two_worker_ddp_on_two_nodes_learns_and_logs(cluster, easy_dir, tmp_path
 def test_rebuild_model_from_checkpoint_alone(cluster, easy_dir, tmp_path):
     import torch
 
-    from steelseg.train import fit, load_checkpoint
+    from steelseg.runs import load_checkpoint
+    from steelseg.train import fit
 
     result = fit(config(easy_dir, tmp_path, epochs=1))
     model, loaded, state = load_checkpoint(result.checkpoint.path)
@@ -75,7 +77,8 @@ def test_rebuild_model_from_checkpoint_alone(cluster, easy_dir, tmp_path):
 
 
 def test_rerun_with_same_name_resumes_at_next_epoch(cluster, easy_dir, tmp_path):
-    from steelseg.train import fit, read_history
+    from steelseg.runs import read_history
+    from steelseg.train import fit
 
     first = fit(config(easy_dir, tmp_path, epochs=1))
     assert first.metrics["epoch"] == 1
@@ -103,7 +106,8 @@ def kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list) -> None:
 
 
 def test_killed_worker_is_restored_and_every_epoch_reported(cluster, easy_dir, tmp_path):
-    from steelseg.train import fit, read_history
+    from steelseg.runs import read_history
+    from steelseg.train import fit
 
     killed = []
     killer = threading.Thread(
