@@ -1,0 +1,240 @@
+"""Ray Tune sweeps over the training config, the Ray Train V2 way: each trial is a function that
+builds and fits a ``TorchTrainer`` (``steelseg.train.fit``) with a stable run name, and Train's
+per-epoch reports reach Tune through ``TuneReportCallback``, so ASHA stops poor trials early.
+
+A sweep lives in ``<storage>/<name>/``: Tune's state (rerunning with the same name restores an
+interrupted sweep), ``trials/<trial>/`` (each trial's Train run: checkpoints, history and
+TensorBoard, so ``tensorboard --logdir <storage>/<name>/trials`` compares them all, HParams
+included), ``results.csv`` (trials sorted by val Dice), ``best_config.yaml`` (for
+``ray_jobs/train.py --config``) and ``best_checkpoint.txt``.
+"""
+
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from steelseg.config import TrainConfig
+from steelseg.errors import SteelsegError
+from steelseg.runs import SCORE, best_checkpoint, read_history
+from steelseg.train import fit, init_ray
+
+DEFAULT_SPACE = {
+    "lr": {"loguniform": [1e-4, 3e-3]},
+    "bce_weight": {"uniform": [0.25, 1.0]},
+    "dice_weight": {"uniform": [0.0, 1.0]},
+}
+SAMPLERS = {
+    "loguniform": tune.loguniform,
+    "uniform": tune.uniform,
+    "randint": tune.randint,
+    "choice": lambda *values: tune.choice(list(values)),
+    "grid": lambda *values: tune.grid_search(list(values)),  # every value, x num_samples
+}
+FIXED_BY_SWEEP = ("name", "storage", "epochs")
+TRIAL_DRIVER_MEMORY = 256 * 2**20
+
+
+def search_space(spec: dict[str, Any]) -> dict[str, Any]:
+    """``{"lr": {"loguniform": [1e-4, 1e-2]}, "batch_size": {"choice": [4, 8]}}`` -> Tune's
+    space. Any TrainConfig field may be searched.
+
+    Raises:
+        SteelsegError: an unknown field or sampler, or a field the sweep itself sets.
+    """
+    defaults = TrainConfig().to_dict()
+    space = {}
+    for key, sampler in spec.items():
+        if key not in defaults:
+            raise SteelsegError(f"search space: unknown config key {key!r}")
+        if key in FIXED_BY_SWEEP:
+            raise SteelsegError(f"search space: {key!r} is set by the sweep, not searched")
+        if not isinstance(sampler, dict) or len(sampler) != 1:
+            raise SteelsegError(f"search space: {key} needs one sampler, e.g. {{uniform: [0, 1]}}")
+        ((kind, args),) = sampler.items()
+        if kind not in SAMPLERS:
+            raise SteelsegError(
+                f"search space: {key} sampler {kind!r} is not one of {', '.join(SAMPLERS)}"
+            )
+        if not isinstance(args, list) or not args:
+            raise SteelsegError(f"search space: {key} {kind} needs a list of values, got {args!r}")
+        if kind in ("loguniform", "uniform", "randint") and len(args) != 2:
+            raise SteelsegError(f"search space: {key} {kind} needs [low, high], got {args!r}")
+        values = [_typed(key, value, defaults[key]) for value in args]
+        space[key] = SAMPLERS[kind](*values)
+    return space
+
+
+def _typed(key: str, value: Any, default: Any) -> Any:
+    """A value of the field's type (YAML reads 1e-4, without a dot, as a string), checked by
+    the config's own validation."""
+    if isinstance(default, int | float) and not isinstance(default, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if math.isnan(number) or (isinstance(default, int) and not number.is_integer()):
+            kind = type(default).__name__
+            raise SteelsegError(f"search space: {key} takes {kind} values, got {value!r}")
+        value = int(number) if isinstance(default, int) else number
+    try:
+        TrainConfig().replace(**{key: value})
+    except SteelsegError as e:
+        raise SteelsegError(f"search space: {e}") from None
+    return value
+
+
+def run_trial(params: dict[str, Any], base: dict, sweep_dir: str) -> None:
+    """One trial: the base config with this trial's values, trained by Ray Train.
+
+    Tune stops the trial (ASHA, or the last epoch) by ending this function's actor, so nothing
+    after ``fit`` is sure to run: the sweep's driver writes the trial's summaries.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial = Path(tune.get_context().get_trial_dir()).name  # the same name as Tune's trial folder
+    config = TrainConfig.from_dict(base).replace(
+        **params, storage=str(Path(sweep_dir) / "trials"), name=trial
+    )
+    result = fit(config, callbacks=[TuneReportCallback()])
+    if result.error:
+        raise result.error  # Tune marks the trial ERRORED; a restore reruns it
+
+
+def check_resources(base: TrainConfig, max_concurrent: int) -> None:
+    """Warn when the trials' workers would leave Ray Data no CPU: the sweep would wait forever."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    workers = max_concurrent * base.num_workers * base.cpus_per_worker
+    if workers + 1 > cpus:
+        print(
+            f"steelseg: warning: {max_concurrent} trials x {base.num_workers} workers take "
+            f"{workers:g} of the cluster's {cpus:g} CPUs; reading data needs at least one more "
+            "(fewer --max-concurrent-trials, or an autoscaling cluster)",
+            file=sys.stderr,
+        )
+
+
+def sweep(
+    base: TrainConfig,
+    space: dict[str, Any],
+    *,
+    num_samples: int,
+    max_concurrent: int,
+    grace_period: int = 1,
+    reduction_factor: int = 2,
+) -> Path:
+    """Run (or restore) the sweep ``<storage>/<name>`` and write its result files.
+
+    Raises:
+        SteelsegError: a bad search space, or a sweep in which no trial finished an epoch.
+    """
+    base = base.resolved()
+    sweep_dir = base.run_dir
+    searched = search_space(space)
+    init_ray(base.replace(num_workers=base.num_workers * max_concurrent))
+    check_resources(base, max_concurrent)
+    # The trial function only drives its TorchTrainer, whose workers reserve their own CPUs.
+    # It takes no CPU: a fraction would leave each node with less than the one whole CPU a
+    # Ray Data task needs, and concurrent trials would wait forever. (Tune needs some resource.)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base.to_dict(), sweep_dir=str(sweep_dir)),
+        {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY},
+    )
+    if tune.Tuner.can_restore(str(sweep_dir)):
+        print(f"restoring the sweep in {sweep_dir}: finished trials are kept, the rest run")
+        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=searched,
+            tune_config=tune.TuneConfig(
+                metric=SCORE,
+                mode="max",
+                num_samples=num_samples,
+                max_concurrent_trials=max_concurrent,
+                scheduler=ASHAScheduler(
+                    time_attr="epoch",
+                    max_t=base.epochs,
+                    grace_period=grace_period,
+                    reduction_factor=reduction_factor,
+                ),
+            ),
+            run_config=tune.RunConfig(name=base.name, storage_path=base.storage_path),
+        )
+    results = tuner.fit()
+    return write_results(results, base, sweep_dir)
+
+
+def write_results(results: tune.ResultGrid, base: TrainConfig, sweep_dir: Path) -> Path:
+    """results.csv sorted by val Dice, every trial's HParams, the best config and checkpoint."""
+    rows = []
+    for result in results:
+        trial = Path(result.path).name
+        run_dir = sweep_dir / "trials" / trial
+        history = read_history(run_dir)
+        best = history.loc[history[SCORE].idxmax()] if len(history) else None
+        rows.append(
+            {
+                "trial": trial,
+                **result.config,
+                "epochs_run": int(history["epoch"].max()) if best is not None else 0,
+                SCORE: float(best[SCORE]) if best is not None else math.nan,
+                "best_epoch": int(best["epoch"]) if best is not None else 0,
+                "run_dir": str(run_dir),
+                "error": " ".join(str(result.error).split()) if result.error else "",
+            }
+        )
+        if best is not None:
+            write_hparams(run_dir, result.config, history)
+    table = pd.DataFrame(rows).sort_values(SCORE, ascending=False, na_position="last")
+    table.to_csv(sweep_dir / "results.csv", index=False)
+    print(table.drop(columns=["run_dir"]).to_string(index=False))
+    winner = table.iloc[0]
+    if math.isnan(winner[SCORE]):
+        raise SteelsegError(f"{sweep_dir}: no trial finished an epoch; see {sweep_dir}/trials")
+    params = next(r.config for r in results if Path(r.path).name == winner["trial"])
+    best_config = base.replace(**params, name=f"{base.name}-best")
+    (sweep_dir / "best_config.yaml").write_text(yaml.safe_dump(best_config.to_dict()))
+    checkpoint = best_checkpoint(winner["run_dir"])
+    (sweep_dir / "best_checkpoint.txt").write_text(f"{checkpoint}\n")
+    print(f"best trial {winner['trial']}: val Dice {winner[SCORE]:.4f}")
+    print(f"best config:     {sweep_dir / 'best_config.yaml'}")
+    print(f"best checkpoint: {checkpoint}")
+    print(f"tensorboard:     tensorboard --logdir {sweep_dir / 'trials'}")
+    return sweep_dir
+
+
+def write_hparams(run_dir: Path, params: dict, history: pd.DataFrame) -> None:
+    """The trial's searched values and final scores for TensorBoard's HParams view (rewritten
+    on every run of the sweep, so a restored sweep shows each trial once)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    folder = run_dir / "tensorboard" / "hparams"
+    shutil.rmtree(folder, ignore_errors=True)
+    final = {
+        f"hparams/{SCORE}": float(history[SCORE].max()),
+        "hparams/val_loss": float(history["val_loss"].iloc[-1]),
+        "hparams/epochs": float(history["epoch"].iloc[-1]),
+    }
+    with SummaryWriter(str(folder)) as writer:
+        writer.add_hparams(params, final, run_name=".")
+
+
+def read_space_file(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        spec = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        reason = " ".join(str(e).split())
+        raise SteelsegError(f"{path}: cannot read search space ({reason})") from None
+    if not isinstance(spec, dict):
+        raise SteelsegError(f"{path}: expected a mapping of config keys to samplers")
+    return spec

@@ -1,0 +1,177 @@
+"""A Ray Tune sweep on the easy set, on the two-node cluster of conftest.py: interrupted with
+SIGINT after its first trial, then restored by rerunning with the same name."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from steelseg.config import TrainConfig, read_config_file
+from steelseg.errors import SteelsegError
+from steelseg.tune import search_space
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
+
+# In this order, one at a time: a learning rate that learns, then one that cannot, which ASHA
+# must stop early; the sweep is interrupted after those two (ASHA's rungs are not part of Tune's
+# saved state, so only trials of one run are compared).
+LRS = [3e-3, 1e-6, 1e-3, 1e-5]
+SPACE_FILE = "lr: {grid: [0.003, 0.000001, 0.001, 0.00001]}\n"
+
+
+def histories(sweep_dir: Path) -> dict[str, str]:
+    return {p.parent.name: p.read_text() for p in (sweep_dir / "trials").glob("*/history.jsonl")}
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(1)
+
+
+def trial_statuses(sweep_dir: Path) -> dict[str, str]:
+    from ray.tune import ExperimentAnalysis
+
+    if not list(sweep_dir.glob("experiment_state-*.json")):
+        return {}  # not started yet
+    return {Path(t.path).name: t.status for t in ExperimentAnalysis(str(sweep_dir)).trials}
+
+
+@pytest.fixture(scope="module")
+def sweep_run(cluster, easy_dir, tmp_path_factory):
+    """The sweep job run twice: killed (SIGINT) once two trials have finished, then rerun
+    with the same --name. Returns the sweep folder, the state at the interruption and the
+    rerun's output."""
+    storage = tmp_path_factory.mktemp("sweeps")
+    space = storage / "space.yaml"
+    space.write_text(SPACE_FILE)
+    argv = [
+        sys.executable, "-m", "ray_jobs.tune", "--search-space", str(space),
+        "--num-samples", "1", "--max-concurrent-trials", "1", "--max-epochs", "3",
+        "--grace-period", "1", "--reduction-factor", "2",
+        "--data", str(easy_dir), "--storage", str(storage), "--name", "sweep",
+        "--batch-size", "4", "--num-workers", "1", "--warmup-steps", "2",
+        "--val-fraction", "0.25", "--log-images", "0", "--keep-checkpoints", "1", "--seed", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    root = Path(__file__).parents[1]
+    sweep_dir = storage / "sweep"
+    first = subprocess.Popen(argv, cwd=root, env=env, stdout=subprocess.DEVNULL)
+    try:
+        wait_for(
+            lambda: list(trial_statuses(sweep_dir).values()).count("TERMINATED") == 2,
+            timeout=400,
+            what="two finished trials",
+        )
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=120)
+    finally:
+        first.kill()
+    at_interruption = trial_statuses(sweep_dir), histories(sweep_dir)
+    rerun = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    return sweep_dir, at_interruption, rerun.stdout
+
+
+def test_sweep_writes_sorted_results_and_asha_stops_the_poor_trials(sweep_run):
+    sweep_dir, _, out = sweep_run
+    results = pd.read_csv(sweep_dir / "results.csv")
+    assert sorted(results["lr"]) == sorted(LRS)
+    assert (results["error"].fillna("") == "").all()
+    scores = results["val_kaggle_dice"].tolist()
+    assert scores == sorted(scores, reverse=True)
+    by_lr = results.set_index("lr")
+    assert by_lr.loc[1e-6, "epochs_run"] < 3, "ASHA did not stop the trial that cannot learn"
+    assert by_lr.loc[[3e-3, 1e-3], "val_kaggle_dice"].max() > by_lr.loc[1e-6, "val_kaggle_dice"]
+    assert "best trial" in out and "best checkpoint:" in out
+
+
+def test_best_config_and_checkpoint_files(sweep_run):
+    from steelseg.runs import load_checkpoint
+
+    sweep_dir, _, _ = sweep_run
+    results = pd.read_csv(sweep_dir / "results.csv")
+    best = TrainConfig.from_dict(read_config_file(sweep_dir / "best_config.yaml"))
+    assert best.lr == pytest.approx(results["lr"].iloc[0])
+    assert best.name == "sweep-best" and best.epochs == 3 and best.batch_size == 4
+    checkpoint = Path((sweep_dir / "best_checkpoint.txt").read_text().strip())
+    assert checkpoint.parent.name == results["trial"].iloc[0]
+    _, config, state = load_checkpoint(checkpoint)
+    assert config.lr == pytest.approx(best.lr)
+    assert state["metrics"]["val_kaggle_dice"] == pytest.approx(results["val_kaggle_dice"].iloc[0])
+
+
+def test_tensorboard_has_every_trial_and_the_hparams_view(sweep_run):
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    sweep_dir, _, _ = sweep_run
+    runs = EventMultiplexer().AddRunsFromDirectory(str(sweep_dir / "trials")).Reload().Runs()
+    curves = [r for r in runs if r.endswith("tensorboard") and "loss/val" in runs[r]["scalars"]]
+    hparams = [
+        r for r in runs if r.endswith("hparams") and "hparams/val_kaggle_dice" in runs[r]["scalars"]
+    ]
+    assert len(curves) == 4 and len(hparams) == 4
+
+
+def test_restored_sweep_keeps_finished_trials(sweep_run):
+    sweep_dir, (statuses, before), out = sweep_run
+    assert "restoring the sweep" in out
+    finished = [trial for trial, status in statuses.items() if status == "TERMINATED"]
+    assert len(finished) == 2 and len(statuses) <= 3, statuses  # interrupted mid-sweep
+    after = histories(sweep_dir)
+    for trial in finished:
+        assert after[trial] == before[trial], f"{trial} was rerun"
+    assert len(after) == 4 and set(trial_statuses(sweep_dir).values()) == {"TERMINATED"}
+
+
+def test_best_config_trains_again_through_the_train_job(sweep_run, tmp_path):
+    from ray_jobs.train import main
+
+    sweep_dir, _, _ = sweep_run
+    argv = ["--config", str(sweep_dir / "best_config.yaml"), "--epochs", "1"]
+    assert main([*argv, "--storage", str(tmp_path), "--name", "again"]) == 0
+    assert (tmp_path / "again" / "epoch_0001" / "checkpoint.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"learning_rate": {"uniform": [0, 1]}}, "unknown config key 'learning_rate'"),
+        ({"lr": {"gaussian": [0, 1]}}, "sampler 'gaussian' is not one of"),
+        ({"epochs": {"choice": [1, 2]}}, "'epochs' is set by the sweep"),
+        ({"lr": [0, 1]}, "lr needs one sampler"),
+        ({"lr": {"uniform": [1e-3]}}, r"lr uniform needs \[low, high\]"),
+        ({"lr": {"loguniform": ["fast", 1e-2]}}, "lr takes float values, got 'fast'"),
+        ({"batch_size": {"choice": [4, 4.5]}}, "batch_size takes int values, got 4.5"),
+        ({"lr": {"uniform": [-1, 1]}}, "lr must be positive"),
+    ],
+)
+def test_bad_search_space_is_an_error(spec, message):
+    with pytest.raises(SteelsegError, match=message):
+        search_space(spec)
+
+
+def test_tune_job_reports_a_bad_space_file_in_one_line(tmp_path, capsys):
+    from ray_jobs.tune import main
+
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {loguniform: [1e-4, 1e-2]}\nlearning_rate: {uniform: [0, 1]}\n")
+    assert main(["--search-space", str(space), "--data", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown config key 'learning_rate'" in err
+
+
+def test_numbers_yaml_reads_as_strings_are_numbers():
+    from ray.tune.search.sample import Float
+
+    space = search_space({"lr": {"loguniform": ["1e-4", "1e-2"]}})  # YAML: 1e-4 is a string
+    assert isinstance(space["lr"], Float)
+    assert (space["lr"].lower, space["lr"].upper) == (1e-4, 1e-2)
