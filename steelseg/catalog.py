@@ -26,6 +26,8 @@ RLE_COLUMNS = [f"rle_{c}" for c in CLASS_IDS]
 HAS_COLUMNS = [f"has_{c}" for c in CLASS_IDS]
 CURRENT_HEADER = ("ImageId", "ClassId", "EncodedPixels")
 ORIGINAL_HEADER = ("ImageId_ClassId", "EncodedPixels")
+SUBMISSION_HEADER = ("ImageId", "EncodedPixels", "ClassId")  # what predict writes
+HEADERS = (CURRENT_HEADER, ORIGINAL_HEADER, SUBMISSION_HEADER)
 
 
 @dataclass(frozen=True)
@@ -61,27 +63,32 @@ def modality_dir(modality: str) -> str:
     return "train_images" if modality == "visible" else f"train_images_{modality}"
 
 
-def read_masks(csv_path: Path) -> tuple[list[MaskRow], list[Problem]]:
-    """Read train.csv in either format into non-empty mask rows and per-row problems.
+def read_masks(
+    csv_path: Path, listed: set[str] | None = None
+) -> tuple[list[MaskRow], list[Problem]]:
+    """Read train.csv in either format (or a submission) into non-empty mask rows and per-row
+    problems; ``listed`` collects every image the file names, empty rows included.
 
     Raises:
         SteelsegError: the file is missing or its header is neither known format.
     """
     try:
         with open(csv_path, newline="") as f:
-            return _read_mask_rows(csv.reader(f), csv_path.name)
+            return _read_mask_rows(csv.reader(f), csv_path.name, listed)
     except FileNotFoundError:
         raise SteelsegError(f"{csv_path}: no such file") from None
     except (UnicodeDecodeError, csv.Error) as e:
         raise SteelsegError(f"{csv_path}: not a readable CSV file ({e})") from None
 
 
-def _read_mask_rows(reader, name: str) -> tuple[list[MaskRow], list[Problem]]:
+def _read_mask_rows(
+    reader, name: str, listed: set[str] | None = None
+) -> tuple[list[MaskRow], list[Problem]]:
     header = tuple(next(reader, ()))
-    if header not in (CURRENT_HEADER, ORIGINAL_HEADER):
+    if header not in HEADERS:
         raise SteelsegError(
-            f"{name}: header {','.join(header)!r} is neither "
-            f"{','.join(CURRENT_HEADER)!r} nor {','.join(ORIGINAL_HEADER)!r}"
+            f"{name}: header {','.join(header)!r} is none of "
+            + ", ".join(repr(",".join(h)) for h in HEADERS)
         )
     rows, problems, seen = [], [], {}
     for fields in reader:
@@ -93,6 +100,8 @@ def _read_mask_rows(reader, name: str) -> tuple[list[MaskRow], list[Problem]]:
             continue
         if header == CURRENT_HEADER:
             image_id, class_text, encoded = fields
+        elif header == SUBMISSION_HEADER:
+            image_id, encoded, class_text = fields
         else:
             key, encoded = fields
             image_id, _, class_text = key.rpartition("_")
@@ -103,6 +112,8 @@ def _read_mask_rows(reader, name: str) -> tuple[list[MaskRow], list[Problem]]:
             problems.append(Problem(where, f"ClassId {class_text!r} is not one of 1..4", image_id))
             continue
         class_id = int(class_text)
+        if listed is not None:
+            listed.add(image_id)
         if (image_id, class_id) in seen:
             first = seen[(image_id, class_id)]
             problems.append(
@@ -182,7 +193,7 @@ def _check_rle(
     return problems
 
 
-def _list_images(folder: Path) -> list[str]:
+def list_images(folder: Path) -> list[str]:
     if not folder.is_dir():
         raise SteelsegError(f"{folder}: no such folder of images")
     return sorted(p.name for p in folder.iterdir() if p.suffix.lower() in {".jpg", ".jpeg"})
@@ -217,7 +228,7 @@ def scan(
     data_dir = Path(data_dir).resolve()
     rows, problems = read_masks(data_dir / "train.csv")
     first = modality_dir(modalities[0])
-    image_ids = _list_images(data_dir / first)
+    image_ids = list_images(data_dir / first)
     table = pd.DataFrame({"image_id": image_ids})
     table["path"] = [str(data_dir / first / i) for i in image_ids]
     expected_size, image_problems = _check_images(table, expected_size, decode_images, first)

@@ -1,11 +1,13 @@
-"""The ``steelseg`` command: ``synth``, ``validate`` and the other data tools.
+"""The ``steelseg`` command: ``synth``, ``validate``, ``calibrate``, ``evaluate``, ``figures``.
 
 Errors a user can fix are printed as one line on stderr, with exit status 1.
 """
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from steelseg import catalog, synth
 from steelseg.errors import SteelsegError
@@ -37,6 +39,87 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(problem)
     print(f"{len(problems)} problem(s) in {args.data_dir}")
     return 1 if problems else 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from steelseg import postprocess, predict
+
+    _, report = predict.calibrate(
+        args.checkpoint, batch_size=args.batch_size, tta=args.tta, use_gpu=args.use_gpu
+    )
+    folder = Path(report["checkpoint"])
+    rules = postprocess.load(folder)
+    print(f"calibrated on {report['images']} validation images of {folder.parent.name}")
+    print("class  threshold  min_area  min_component  gate   Dice before  after")
+    for c, rule in enumerate(rules.classes):
+        print(
+            f"{c + 1:>5}  {rule.threshold:9.2f}  {rule.min_area:8d}  {rule.min_component:13d}  "
+            f"{rule.gate:4.2f}   {report['dice_per_class_before'][c]:.4f}       "
+            f"{report['dice_per_class_after'][c]:.4f}"
+        )
+    print(
+        f"Kaggle Dice {report['kaggle_dice_before']:.4f} -> {report['kaggle_dice_after']:.4f} "
+        f"(all-empty baseline {report['empty_baseline']:.4f}); "
+        f"saved {folder / postprocess.RULES_FILE}"
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from steelseg import evaluate
+
+    scores = evaluate.evaluate(args.truth, args.images, args.submission)
+    if args.json:
+        print(json.dumps(scores.as_dict(), indent=2))
+    else:
+        print(evaluate.format_scores(scores))
+    return 0
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from steelseg import evaluate, figures, images
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if args.data:
+        table = catalog.load(args.data, report=lambda *_: None)
+        written.append(figures.samples_figure(table, out / "figure1_samples.png", args.count))
+    if args.run_dir:
+        written.append(figures.loss_curves(Path(args.run_dir), out / "figure2_loss.png"))
+    if args.submission:
+        if not args.data:
+            raise SteelsegError("figures --submission needs --data (the truth and the images)")
+        listed: set[str] = set()
+        predicted = evaluate.read_rows(Path(args.submission), listed)
+        shown = table[table["image_id"].isin(listed)]
+        if shown.empty:
+            raise SteelsegError(f"{args.submission}: none of its images is in {args.data}")
+        defect = shown[[f"has_{c}" for c in catalog.CLASS_IDS]].any(axis=1)
+        defect |= shown["image_id"].isin(predicted)
+        shown = pd.concat([shown[defect], shown[~defect]]).head(args.count)  # defects first
+        samples = []
+        for _, row in shown.iterrows():
+            image = images.read_image(row["path"])
+            name, (height, width) = row["image_id"], image.shape[:2]
+            truth = {c: row[f"rle_{c}"] or "" for c in catalog.CLASS_IDS}
+            pred = predicted.get(name, {})
+            samples.append(
+                (
+                    name,
+                    image,
+                    evaluate.decode(truth, height, width, name),
+                    evaluate.decode(pred, height, width, name),
+                )
+            )
+        written.append(figures.predictions_figure(samples, out / "figure3_predictions.png"))
+    if not written:
+        raise SteelsegError("figures: nothing to draw; give --data, --run and/or --submission")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
 
 
 def format_summary(s: dict) -> str:
@@ -89,6 +172,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--modalities", default="visible", help="image folders to check, e.g. visible,ir"
     )
     p.set_defaults(run=cmd_validate)
+
+    p = commands.add_parser(
+        "calibrate", help="search per-class post-processing on a run's validation split"
+    )
+    p.add_argument("checkpoint", help="checkpoint folder, training run or Tune sweep")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--tta", action="store_true", help="average over flips, as predict --tta")
+    p.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="run on CUDA (default: when there is one)")  # fmt: skip
+    p.set_defaults(run=cmd_calibrate)
+
+    p = commands.add_parser("evaluate", help="score a submission CSV against the truth")
+    p.add_argument("--truth", required=True, help="train.csv (either format) with the true masks")
+    p.add_argument("--images", required=True, help="folder of the images scored (their sizes)")
+    p.add_argument("--submission", required=True, help="ImageId,EncodedPixels,ClassId CSV")
+    p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    p.set_defaults(run=cmd_evaluate)
+
+    p = commands.add_parser("figures", help="the paper's figures as PNG files")
+    p.add_argument("out", help="folder for figure1_samples.png, figure2_loss.png, ...")
+    p.add_argument("--data", help="data folder: Figure 1 samples (and the truth for Figure 3)")
+    p.add_argument(
+        "--run", dest="run_dir", help="training run folder: Figure 2 loss curves (TensorBoard)"
+    )
+    p.add_argument("--submission", help="predictions CSV: Figure 3 against --data's truth")
+    p.add_argument("--count", type=int, default=3, help="images per figure part (default 3)")
+    p.set_defaults(run=cmd_figures)
     return parser
 
 

@@ -18,6 +18,11 @@ def in_channels(modalities: Sequence[str]) -> int:
     return 3 + len(modalities) - 1
 
 
+def path_columns(modalities: Sequence[str]) -> list[str]:
+    """The catalog columns of an image's files: ``path`` (visible), then ``path_<m>``."""
+    return ["path"] + [f"path_{m}" for m in modalities[1:]]
+
+
 def read_image(path: str, mode: str = "RGB") -> np.ndarray:
     """(H, W, 3) for mode RGB, (H, W) for mode L.
 

@@ -22,7 +22,7 @@ from steelseg import rle
 from steelseg.catalog import RLE_COLUMNS
 from steelseg.config import TrainConfig
 from steelseg.errors import SteelsegError
-from steelseg.images import read_stack
+from steelseg.images import path_columns, read_stack
 
 ROWS_PER_BLOCK = 32
 
@@ -33,10 +33,6 @@ def pack_bits(masks: np.ndarray) -> np.ndarray:
     for c in range(masks.shape[0]):
         bits |= masks[c] << np.uint8(c)
     return bits
-
-
-def path_columns(modalities: list[str]) -> list[str]:
-    return ["path"] + [f"path_{m}" for m in modalities[1:]]
 
 
 def read_batch(batch: dict[str, np.ndarray], modalities: list[str]) -> dict[str, np.ndarray]:

@@ -104,7 +104,7 @@ def test_header_missing_folder_and_csv_are_errors(data_copy, tmp_path):
     with pytest.raises(SteelsegError, match="no such data folder"):
         catalog.scan(tmp_path / "nope")
     (data_copy / "train.csv").write_text("a,b\n")
-    with pytest.raises(SteelsegError, match="train.csv: header 'a,b' is neither"):
+    with pytest.raises(SteelsegError, match="train.csv: header 'a,b' is none of"):
         catalog.scan(data_copy)
     (data_copy / "train.csv").unlink()
     with pytest.raises(SteelsegError, match="train.csv: no such file"):

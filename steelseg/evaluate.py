@@ -1,0 +1,88 @@
+"""Scoring a submission against the truth: the Kaggle mean Dice over (image, class) pairs, per
+class, over pairs with a defect, the all-empty baseline, and image-level presence precision and
+recall per class. The images of one folder are the set scored; truth rows of other images are
+ignored, so the full train.csv scores a folder holding the validation images only."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from steelseg import catalog, rle
+from steelseg.errors import SteelsegError
+from steelseg.metrics import DiceCounts, Scores
+
+
+def read_rows(csv_path: Path, listed: set[str] | None = None) -> dict[str, dict[int, str]]:
+    """image -> {class: RLE} of a train.csv or a submission; a bad row is an error."""
+    rows, problems = catalog.read_masks(csv_path, listed)
+    if problems:
+        raise catalog.DataProblems(problems)
+    masks: dict[str, dict[int, str]] = {}
+    for row in rows:
+        masks.setdefault(row.image_id, {})[row.class_id] = row.rle
+    return masks
+
+
+def decode(rles: dict[int, str], height: int, width: int, image_id: str) -> np.ndarray:
+    return rle.decode_classes(
+        [rles.get(c, "") for c in catalog.CLASS_IDS], height, width, image_id=image_id
+    )
+
+
+def evaluate(truth_csv: str, images_dir: str, submission_csv: str) -> Scores:
+    """Score ``submission_csv`` on the images of ``images_dir``.
+
+    Raises:
+        SteelsegError: an unreadable file, a bad row or RLE (named), or a submission that misses
+            images of the folder or names images outside it.
+    """
+    folder = Path(images_dir).expanduser()
+    names = catalog.list_images(folder)
+    if not names:
+        raise SteelsegError(f"{folder}: no .jpg images to score")
+    truth = read_rows(Path(truth_csv).expanduser())
+    listed: set[str] = set()
+    predicted = read_rows(Path(submission_csv).expanduser(), listed)
+    missing = sorted(set(names) - listed)
+    if missing:
+        raise SteelsegError(
+            f"{submission_csv}: no rows for {len(missing)} image(s) of {folder}, e.g. {missing[0]}"
+        )
+    extra = sorted(listed - set(names))
+    if extra:
+        raise SteelsegError(
+            f"{submission_csv}: {len(extra)} image(s) not in {folder}, e.g. {extra[0]}"
+        )
+    counts = DiceCounts()
+    for name in names:
+        info = catalog.inspect_image(folder / name, decode=False)
+        if info.error:
+            raise SteelsegError(f"{folder / name}: {info.error}")
+        true = decode(truth.get(name, {}), info.height, info.width, name)
+        pred = decode(predicted.get(name, {}), info.height, info.width, name)
+        counts.update(torch.from_numpy(pred[None]), torch.from_numpy(true[None]))
+    return counts.compute()
+
+
+def format_scores(scores: Scores, images: int | None = None) -> str:
+    """A small table: the overall figures, then one line per class."""
+
+    def show(value: float) -> str:
+        return "  n/a" if value != value else f"{value:.4f}"  # NaN: no such pairs
+
+    lines = [
+        f"Kaggle mean Dice      {show(scores.kaggle_dice)}"
+        + (f"  ({images} images x 4 classes)" if images else ""),
+        f"all-empty baseline    {show(scores.empty_baseline)}",
+        f"Dice, defect pairs    {show(scores.dice_nonempty)}",
+        "class  Dice    Dice(defect)  presence precision  recall",
+    ]
+    for c in range(4):
+        dice, defect = scores.dice_per_class[c], scores.dice_nonempty_per_class[c]
+        precision, recall = scores.presence_precision[c], scores.presence_recall[c]
+        lines.append(
+            f"{c + 1:>5}  {show(dice)}  {show(defect)}        {show(precision)}"
+            f"              {show(recall)}"
+        )
+    return "\n".join(lines)

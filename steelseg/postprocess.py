@@ -1,0 +1,226 @@
+"""From per-class probabilities to masks: a threshold, a minimum total area, optional removal of
+small connected components and an optional image-level gate, each set per class.
+
+``calibrate`` searches these on a validation set for the Kaggle Dice; ``Rules`` are stored next
+to a checkpoint as ``postprocess.json`` and used by prediction by default.
+"""
+
+import dataclasses
+import itertools
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from steelseg.errors import SteelsegError
+
+N_CLASSES = 4
+RULES_FILE = "postprocess.json"
+
+# The grids calibrate searches. Areas are fractions of the image (at 256x1600, 0.001 is 410 px),
+# so one grid serves any image size.
+THRESHOLDS = (0.5, 0.3, 0.35, 0.4, 0.45, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
+AREA_FRACTIONS = (0.0, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.015)
+COMPONENT_FRACTIONS = (0.0, 0.0002, 0.001)
+GATES = (0.0, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassRule:
+    """One class's post-processing.
+
+    threshold: probability above which a pixel is the class.
+    min_area: the class mask of an image is dropped when it has fewer pixels.
+    min_component: connected components smaller than this many pixels are removed (0: off).
+    gate: the class is kept on an image only if its highest probability there reaches this
+        (0: off); it keeps predictions off clean images.
+    """
+
+    threshold: float = 0.5
+    min_area: int = 0
+    min_component: int = 0
+    gate: float = 0.0
+
+    def __post_init__(self):
+        if not 0 < self.threshold < 1:
+            raise SteelsegError(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.min_area < 0 or self.min_component < 0:
+            raise SteelsegError("min_area and min_component must be >= 0")
+        if not 0 <= self.gate < 1:
+            raise SteelsegError(f"gate must be in [0, 1), got {self.gate}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """Post-processing for the 4 classes, and the image size its pixel counts were set at."""
+
+    classes: tuple[ClassRule, ...] = (ClassRule(),) * N_CLASSES
+    image_size: tuple[int, int] | None = None  # (H, W) the areas were calibrated at
+
+    @classmethod
+    def plain(cls, threshold: float = 0.5) -> "Rules":
+        return cls((ClassRule(threshold),) * N_CLASSES)
+
+    def for_size(self, height: int, width: int) -> "Rules":
+        """Areas rescaled to another image size (calibrated on crops, predicted on full images)."""
+        if self.image_size is None or self.image_size == (height, width):
+            return self
+        scale = height * width / (self.image_size[0] * self.image_size[1])
+        return Rules(
+            tuple(
+                dataclasses.replace(
+                    r,
+                    min_area=round(r.min_area * scale),
+                    min_component=round(r.min_component * scale),
+                )
+                for r in self.classes
+            ),
+            (height, width),
+        )
+
+    def apply(self, probs: np.ndarray) -> np.ndarray:
+        """(4, H, W) probabilities -> (4, H, W) uint8 masks."""
+        return self.apply_batch(torch.from_numpy(probs[None]))[0][0]
+
+    def apply_batch(self, probs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(B, 4, H, W) probabilities on any device -> (B, 4, H, W) uint8 masks on the CPU and
+        (B, 4) flags of the non-empty ones.
+
+        Threshold, gate and areas run where the probabilities are (the GPU in prediction), and
+        only non-empty masks cross to the host, where small components go (OpenCV).
+        """
+        rules = self.for_size(*probs.shape[2:])
+        fields = ("threshold", "gate", "min_area")
+        per_class = [[getattr(r, field) for r in rules.classes] for field in fields]
+        threshold, gate, min_area = (
+            torch.tensor(v, dtype=torch.float32, device=probs.device).view(1, -1) for v in per_class
+        )
+        masks = probs > threshold[..., None, None]
+        area = masks.sum(dim=(2, 3))
+        keep = (probs.amax(dim=(2, 3)) >= gate) & (area > 0)
+        components = torch.tensor([r.min_component > 0 for r in rules.classes], device=probs.device)
+        keep &= (area >= min_area) | components  # min_area after the components, below
+        out = np.zeros(masks.shape, np.uint8)
+        index = keep.nonzero().tolist()
+        if index:
+            b, c = zip(*index)
+            out[list(b), list(c)] = masks[list(b), list(c)].to(torch.uint8).cpu().numpy()
+        present = keep.cpu().numpy()
+        for b, c in index:
+            if rules.classes[c].min_component:
+                out[b, c] = apply_rule_to_mask(out[b, c], rules.classes[c])
+                present[b, c] = out[b, c].any()
+        return out, present
+
+    def to_dict(self) -> dict:
+        return {
+            "classes": [dataclasses.asdict(r) for r in self.classes],
+            "image_size": list(self.image_size) if self.image_size else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "rules") -> "Rules":
+        try:
+            classes = tuple(ClassRule(**r) for r in data["classes"])
+            size = data.get("image_size")
+            if len(classes) != N_CLASSES:
+                raise SteelsegError(f"{N_CLASSES} classes needed, got {len(classes)}")
+            return cls(classes, tuple(size) if size else None)
+        except (KeyError, TypeError, SteelsegError) as e:
+            raise SteelsegError(f"{source}: bad post-processing rules ({e})") from None
+
+
+def apply_rule(probs: np.ndarray, rule: ClassRule) -> np.ndarray:
+    """One class: (H, W) probabilities -> (H, W) uint8 mask."""
+    if rule.gate and probs.max() < rule.gate:
+        return np.zeros(probs.shape, np.uint8)
+    return apply_rule_to_mask((probs > rule.threshold).astype(np.uint8), rule)
+
+
+def apply_rule_to_mask(mask: np.ndarray, rule: ClassRule) -> np.ndarray:
+    """The component and area steps of a rule on a thresholded (H, W) uint8 mask."""
+    if rule.min_component:
+        mask = remove_small_components(mask, rule.min_component)
+    if mask.sum() < rule.min_area:
+        mask = np.zeros_like(mask)
+    return mask
+
+
+def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
+    """Zero the 8-connected components of a binary mask with fewer than ``min_size`` pixels."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_size
+    keep[0] = False  # background
+    return keep[labels].astype(np.uint8) if n > 1 else mask
+
+
+def save(rules: Rules, checkpoint_dir: str | os.PathLike, report: dict | None = None) -> Path:
+    path = Path(checkpoint_dir) / RULES_FILE
+    path.write_text(json.dumps({**rules.to_dict(), "calibration": report or {}}, indent=2))
+    return path
+
+
+def load(checkpoint_dir: str | os.PathLike) -> Rules | None:
+    """The calibrated rules stored with a checkpoint, or None when it was never calibrated."""
+    path = Path(checkpoint_dir) / RULES_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SteelsegError(f"{path}: cannot read ({e})") from None
+    return Rules.from_dict(data, str(path))
+
+
+def pair_dice(inter: np.ndarray, pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Kaggle's per-pair Dice: 1 where both masks are empty."""
+    total = pred + true
+    return np.where(total == 0, 1.0, 2 * inter / np.maximum(total, 1))
+
+
+def calibrate(probs: list[np.ndarray], truth: list[np.ndarray]) -> tuple[Rules, dict]:
+    """Per class, the rule with the best mean Dice over the images; on a tie the earlier grid
+    entry wins (threshold 0.5, no area, no gate first).
+
+    probs: per image (4, H, W) float probabilities; truth: per image (4, H, W) binary masks.
+    Returns the rules and a report: Dice per class with plain threshold 0.5 and calibrated.
+    """
+    if not probs:
+        raise SteelsegError("calibrate: no validation images")
+    height, width = probs[0].shape[1:]
+    pixels = height * width
+    rules, before, after = [], [], []
+    for c in range(N_CLASSES):
+        true_area = np.array([t[c].sum() for t in truth], np.float64)
+        peak = np.array([p[c].max() for p in probs])
+        best = (-1.0, None)
+        for threshold, component in itertools.product(THRESHOLDS, COMPONENT_FRACTIONS):
+            min_component = round(component * pixels)
+            masks = [(p[c] > threshold).astype(np.uint8) for p in probs]
+            if min_component:
+                masks = [remove_small_components(m, min_component) for m in masks]
+            area = np.array([m.sum() for m in masks], np.float64)
+            inter = np.array([(m & (t[c] > 0)).sum() for m, t in zip(masks, truth)], np.float64)
+            if threshold == 0.5 and not min_component:
+                before.append(float(pair_dice(inter, area, true_area).mean()))
+            for fraction, gate in itertools.product(AREA_FRACTIONS, GATES):
+                if gate and gate <= threshold:
+                    continue  # a gate at or below the threshold changes nothing
+                keep = (area >= fraction * pixels) & (peak >= gate)
+                dice = pair_dice(inter * keep, area * keep, true_area).mean()
+                if dice > best[0] + 1e-12:
+                    rule = ClassRule(threshold, round(fraction * pixels), min_component, gate)
+                    best = (float(dice), rule)
+        rules.append(best[1])
+        after.append(best[0])
+    report = {
+        "images": len(probs),
+        "dice_per_class_before": before,
+        "dice_per_class_after": after,
+        "kaggle_dice_before": float(np.mean(before)),
+        "kaggle_dice_after": float(np.mean(after)),
+    }
+    return Rules(tuple(rules), (height, width)), report

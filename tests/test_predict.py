@@ -1,0 +1,208 @@
+"""After training: calibrate -> predict (Ray Data actors) -> evaluate -> figures, on the easy set
+and on the real 256x1600 images, with the two-node Ray session of conftest.py."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from steelseg import catalog, postprocess, rle
+from steelseg.cli import main as steelseg
+from steelseg.config import TrainConfig
+from steelseg.errors import SteelsegError
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def run_dir(cluster, easy_dir, tmp_path_factory) -> Path:
+    """A run trained for 3 epochs on the easy set (1 worker)."""
+    from steelseg.train import fit
+
+    storage = tmp_path_factory.mktemp("runs")
+    config = TrainConfig(
+        data=str(easy_dir), storage=str(storage), name="run", epochs=3, batch_size=4,
+        num_workers=1, lr=3e-3, warmup_steps=2, val_fraction=0.25, log_images=0, seed=1,
+    )  # fmt: skip
+    result = fit(config)
+    assert result.error is None
+    return Path(result.path)
+
+
+@pytest.fixture(scope="module")
+def val_images(run_dir, tmp_path_factory) -> Path:
+    """The run's validation images alone in a folder."""
+    split = catalog.read(run_dir / "split.parquet")
+    folder = tmp_path_factory.mktemp("val") / "images"
+    folder.mkdir()
+    for path in split.loc[split["split"] == "val", "path"]:
+        shutil.copy(path, folder)
+    return folder
+
+
+def submission_path(tmp_path: Path) -> Path:
+    return tmp_path / "out" / "submission.csv"
+
+
+def test_predict_and_evaluate_agree_with_the_runs_validation_score(
+    run_dir, val_images, easy_dir, tmp_path, capsys
+):
+    from ray_jobs.predict import main as predict
+    from steelseg.runs import best_checkpoint, read_history
+
+    out = submission_path(tmp_path)
+    argv = ["--images", str(val_images), "--out", str(out), "--no-progress", "--uncalibrated"]
+    assert predict(["--checkpoint", str(run_dir), *argv, "--actors", "2", "--batch-size", "3"]) == 0
+    submission = pd.read_csv(out, keep_default_na=False)
+    assert list(submission.columns) == ["ImageId", "EncodedPixels", "ClassId"]
+    assert len(submission) == 4 * 16
+    assert (submission.groupby("ImageId")["ClassId"].apply(list) == [[1, 2, 3, 4]] * 16).all()
+
+    capsys.readouterr()
+    truth = easy_dir / "train.csv"
+    code = steelseg(["evaluate", "--truth", str(truth), "--images", str(val_images),
+                     "--submission", str(out), "--json"])  # fmt: skip
+    assert code == 0
+    scores = json.loads(capsys.readouterr().out)
+    history = read_history(run_dir).set_index("epoch")
+    best_epoch = int(best_checkpoint(run_dir).name.split("_")[1])
+    expected = history.loc[best_epoch]
+    # the same model, images and threshold as the run's own validation at its best epoch
+    assert scores["kaggle_dice"] == pytest.approx(expected["val_kaggle_dice"], abs=0.01)
+    assert scores["empty_baseline"] == pytest.approx(expected["val_empty_baseline"])
+    assert scores["kaggle_dice"] > scores["empty_baseline"] + 0.05
+
+
+def test_calibrate_then_predict_uses_the_stored_rules(
+    run_dir, val_images, easy_dir, tmp_path, capsys
+):
+    from steelseg.predict import predict, resolve_checkpoint
+
+    assert steelseg(["calibrate", str(run_dir), "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "Kaggle Dice" in out and "all-empty baseline" in out
+    checkpoint = resolve_checkpoint(run_dir)
+    rules = postprocess.load(checkpoint)
+    report = json.loads((checkpoint / postprocess.RULES_FILE).read_text())["calibration"]
+    assert rules is not None and rules.image_size == (32, 160)
+    assert report["images"] == 16
+    assert report["kaggle_dice_after"] >= report["kaggle_dice_before"]
+
+    calibrated = predict(checkpoint, val_images, submission_path(tmp_path), progress=False)
+    assert "calibrated rules" in capsys.readouterr().out
+    from steelseg.evaluate import evaluate
+
+    scores = evaluate(easy_dir / "train.csv", val_images, submission_path(tmp_path))
+    # evaluate on the validation images reproduces what calibrate measured on them
+    assert scores.kaggle_dice == pytest.approx(report["kaggle_dice_after"], abs=0.01)
+    assert len(calibrated) == 64
+
+
+def test_real_images_at_full_size_and_an_unreadable_one(run_dir, real_dir, tmp_path, capsys):
+    from steelseg.predict import predict
+
+    folder = tmp_path / "images"
+    shutil.copytree(real_dir / "train_images", folder)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    out = submission_path(tmp_path)
+    submission = predict(run_dir, folder, out, tta=True, progress=False, calibrated=False)
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "warning" in err
+    assert len(submission) == 4 * 4
+    assert (submission.loc[submission["ImageId"] == "broken.jpg", "EncodedPixels"] == "").all()
+    for encoded in submission["EncodedPixels"]:
+        rle.decode(encoded, 256, 1600)  # every mask is valid at the real size
+    with pytest.raises(SteelsegError, match="1 unreadable image.*broken.jpg"):
+        predict(run_dir, folder, tmp_path / "strict.csv", strict=True, progress=False)
+    assert not (tmp_path / "strict.csv").exists()
+
+
+def test_full_size_probabilities_any_size_and_tta():
+    from steelseg.model import UNet
+    from steelseg.predict import probabilities
+
+    torch.manual_seed(0)
+    model = UNet().eval()
+    image = np.random.default_rng(0).integers(0, 255, (1, 50, 70, 3), dtype=np.uint8)
+    plain = probabilities(model, image, torch.device("cpu"))
+    assert plain.shape == (1, 4, 50, 70) and plain.dtype == np.float32
+    tta = probabilities(model, image, torch.device("cpu"), tta=True)
+    h = probabilities(model, image[:, :, ::-1].copy(), torch.device("cpu"))[..., ::-1]
+    v = probabilities(model, image[:, ::-1].copy(), torch.device("cpu"))[:, :, ::-1]
+    # padding sits bottom-right, so a flipped view pads the other side: close, not equal
+    assert np.abs(tta - (plain + h + v) / 3).max() < 0.05
+
+
+def test_checkpoint_paths_a_run_a_sweep_and_errors(run_dir, tmp_path):
+    from steelseg.predict import resolve_checkpoint
+    from steelseg.runs import best_checkpoint
+
+    best = best_checkpoint(run_dir)
+    assert resolve_checkpoint(best) == best
+    assert resolve_checkpoint(run_dir) == best
+    (tmp_path / "best_checkpoint.txt").write_text(f"{best}\n")
+    assert resolve_checkpoint(tmp_path) == best
+    with pytest.raises(SteelsegError, match="no such checkpoint"):
+        resolve_checkpoint(tmp_path / "missing")
+    with pytest.raises(SteelsegError, match="not a checkpoint"):
+        resolve_checkpoint(run_dir / "tensorboard")
+
+
+def write_submission(path: Path, masks: dict[str, dict[int, str]], names: list[str]) -> Path:
+    rows = [(n, masks.get(n, {}).get(c, ""), c) for n in names for c in range(1, 5)]
+    pd.DataFrame(rows, columns=["ImageId", "EncodedPixels", "ClassId"]).to_csv(path, index=False)
+    return path
+
+
+def test_evaluate_perfect_empty_and_broken_submissions(real_dir, tmp_path, capsys):
+    from steelseg.evaluate import evaluate, read_rows
+
+    images = real_dir / "train_images"
+    names = catalog.list_images(images)
+    truth = read_rows(real_dir / "train.csv")
+    perfect = evaluate(
+        real_dir / "train.csv", images, write_submission(tmp_path / "p.csv", truth, names)
+    )
+    assert perfect.kaggle_dice == 1.0 and perfect.dice_nonempty == 1.0
+    present = [c for c in range(4) if not np.isnan(perfect.presence_recall[c])]
+    assert present and all(perfect.presence_recall[c] == 1.0 for c in present)
+    assert all(perfect.presence_precision[c] == 1.0 for c in present)
+    empty = evaluate(
+        real_dir / "train.csv", images, write_submission(tmp_path / "e.csv", {}, names)
+    )
+    pairs_with_defect = sum(len(v) for k, v in truth.items() if k in names)
+    assert empty.kaggle_dice == pytest.approx(1 - pairs_with_defect / (4 * len(names)))
+    assert empty.kaggle_dice == pytest.approx(empty.empty_baseline)
+
+    write_submission(tmp_path / "short.csv", truth, names[:-1])
+    code = steelseg(["evaluate", "--truth", str(real_dir / "train.csv"), "--images", str(images),
+                     "--submission", str(tmp_path / "short.csv")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert (
+        code == 1 and err.count("\n") == 0 and "no rows for 1 image(s)" in err and names[-1] in err
+    )
+    bad = {names[0]: {1: "5 10 3"}}  # runs out of order
+    write_submission(tmp_path / "bad.csv", bad, names)
+    with pytest.raises(SteelsegError, match=names[0]):
+        evaluate(real_dir / "train.csv", images, tmp_path / "bad.csv")
+
+
+def test_figures_are_written_and_not_blank(run_dir, val_images, easy_dir, tmp_path):
+    from steelseg.predict import predict
+
+    predict(run_dir, val_images, tmp_path / "sub.csv", progress=False)
+    out = tmp_path / "figures"
+    code = steelseg(["figures", str(out), "--data", str(easy_dir), "--run", str(run_dir),
+                     "--submission", str(tmp_path / "sub.csv"), "--count", "2"])  # fmt: skip
+    assert code == 0
+    for name in ("figure1_samples.png", "figure2_loss.png", "figure3_predictions.png"):
+        picture = np.asarray(Image.open(out / name).convert("L"), dtype=np.float32)
+        assert picture.shape[0] > 200 and picture.shape[1] > 400
+        assert picture.std() > 10, f"{name} is blank"
+    assert steelseg(["figures", str(out)]) == 1
