@@ -219,12 +219,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             log_epoch(writer, metrics, samples, global_step)
             append_history(config.run_dir, metrics)
-            print(
+            progress(
                 f"epoch {epoch + 1}/{config.epochs}: train loss {metrics['train_loss']:.4f}, "
                 f"val loss {metrics['val_loss']:.4f}, val Dice {metrics[SCORE]:.4f} "
                 f"(all-empty {metrics['val_empty_baseline']:.4f}, defects "
-                f"{metrics['val_dice_nonempty']:.4f}), {metrics['images_per_s']:.1f} img/s",
-                flush=True,
+                f"{metrics['val_dice_nonempty']:.4f}), {metrics['images_per_s']:.1f} img/s"
             )
             state = {
                 "model": bare.state_dict(),
@@ -244,6 +243,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         writer.close()
 
 
+def progress(line: str) -> None:
+    """A progress line from a training worker, shown once on the driver. Ray Train's patched
+    ``print`` both logs and prints when Ray has wrapped ``sys.stdout``, which shows every line
+    twice; the process's own stdout is what Ray forwards to the driver."""
+    print(line, file=sys.__stdout__, flush=True)
+
+
 def step_logger(writer, rank: int, epoch: int, epochs: int, first_step: int):
     """The per-batch callback: train loss per step to TensorBoard, a progress line now and then."""
 
@@ -251,7 +257,7 @@ def step_logger(writer, rank: int, epoch: int, epochs: int, first_step: int):
         if writer:
             writer.add_scalar("train/loss_step", loss, first_step + i)
         if rank == 0 and (i + 1) % LOG_EVERY_STEPS == 0:
-            print(f"epoch {epoch + 1}/{epochs} batch {i + 1} loss {loss:.4f}", flush=True)
+            progress(f"epoch {epoch + 1}/{epochs} batch {i + 1} loss {loss:.4f}")
 
     return on_step
 
