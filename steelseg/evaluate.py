@@ -17,7 +17,7 @@ def read_rows(csv_path: Path, listed: set[str] | None = None) -> dict[str, dict[
     """image -> {class: RLE} of a train.csv or a submission; a bad row is an error."""
     rows, problems = catalog.read_masks(csv_path, listed)
     if problems:
-        raise catalog.DataProblems(problems)
+        raise SteelsegError(f"{len(problems)} bad row(s) in {csv_path}, first: {problems[0]}")
     masks: dict[str, dict[int, str]] = {}
     for row in rows:
         masks.setdefault(row.image_id, {})[row.class_id] = row.rle

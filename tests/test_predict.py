@@ -187,7 +187,10 @@ def test_evaluate_perfect_empty_and_broken_submissions(real_dir, tmp_path, capsy
     assert (
         code == 1 and err.count("\n") == 0 and "no rows for 1 image(s)" in err and names[-1] in err
     )
-    bad = {names[0]: {1: "5 10 3"}}  # runs out of order
+    (tmp_path / "class5.csv").write_text(f"ImageId,EncodedPixels,ClassId\n{names[0]},1 2,5\n")
+    with pytest.raises(SteelsegError, match="1 bad row.*class5.csv row 2: ClassId '5'"):
+        evaluate(real_dir / "train.csv", images, tmp_path / "class5.csv")
+    bad = {names[0]: {1: "5 10 3"}}  # an odd number of values
     write_submission(tmp_path / "bad.csv", bad, names)
     with pytest.raises(SteelsegError, match=names[0]):
         evaluate(real_dir / "train.csv", images, tmp_path / "bad.csv")
