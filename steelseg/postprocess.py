@@ -181,46 +181,90 @@ def pair_dice(inter: np.ndarray, pred: np.ndarray, true: np.ndarray) -> np.ndarr
     return np.where(total == 0, 1.0, 2 * inter / np.maximum(total, 1))
 
 
-def calibrate(probs: list[np.ndarray], truth: list[np.ndarray]) -> tuple[Rules, dict]:
-    """Per class, the rule with the best mean Dice over the images; on a tie the earlier grid
-    entry wins (threshold 0.5, no area, no gate first).
+class Calibration:
+    """The search of ``calibrate``, fed one image at a time: each image leaves only its areas
+    and overlaps per class, threshold and component size, never its probabilities (6.5 MB an
+    image at 256x1600), so a whole validation split fits in memory."""
 
-    probs: per image (4, H, W) float probabilities; truth: per image (4, H, W) binary masks.
-    Returns the rules and a report: Dice per class with plain threshold 0.5 and calibrated.
-    """
-    if not probs:
-        raise SteelsegError("calibrate: no validation images")
-    height, width = probs[0].shape[1:]
-    pixels = height * width
-    rules, before, after = [], [], []
-    for c in range(N_CLASSES):
-        true_area = np.array([t[c].sum() for t in truth], np.float64)
-        peak = np.array([p[c].max() for p in probs])
-        best = (-1.0, None)
-        for threshold, component in itertools.product(THRESHOLDS, COMPONENT_FRACTIONS):
-            min_component = round(component * pixels)
-            masks = [(p[c] > threshold).astype(np.uint8) for p in probs]
-            if min_component:
-                masks = [remove_small_components(m, min_component) for m in masks]
-            area = np.array([m.sum() for m in masks], np.float64)
-            inter = np.array([(m & (t[c] > 0)).sum() for m, t in zip(masks, truth)], np.float64)
-            if threshold == 0.5 and not min_component:
-                before.append(float(pair_dice(inter, area, true_area).mean()))
-            for fraction, gate in itertools.product(AREA_FRACTIONS, GATES):
-                if gate and gate <= threshold:
-                    continue  # a gate at or below the threshold changes nothing
-                keep = (area >= fraction * pixels) & (peak >= gate)
-                dice = pair_dice(inter * keep, area * keep, true_area).mean()
-                if dice > best[0] + 1e-12:
-                    rule = ClassRule(threshold, round(fraction * pixels), min_component, gate)
-                    best = (float(dice), rule)
-        rules.append(best[1])
-        after.append(best[0])
-    report = {
-        "images": len(probs),
-        "dice_per_class_before": before,
-        "dice_per_class_after": after,
-        "kaggle_dice_before": float(np.mean(before)),
-        "kaggle_dice_after": float(np.mean(after)),
-    }
-    return Rules(tuple(rules), (height, width)), report
+    def __init__(self):
+        self.size: tuple[int, int] | None = None
+        self.stats: list[np.ndarray] = []  # per image (4, T, K, 2): predicted area, overlap
+        self.peaks: list[np.ndarray] = []  # per image (4,): highest probability
+        self.true_areas: list[np.ndarray] = []  # per image (4,)
+
+    def add(self, probs: np.ndarray, truth: np.ndarray) -> None:
+        """(4, H, W) probabilities and (4, H, W) binary truth of one image.
+
+        Raises:
+            SteelsegError: an image of another size than the first (areas are per size).
+        """
+        if self.size is None:
+            self.size = probs.shape[1:]
+        elif probs.shape[1:] != self.size:
+            raise SteelsegError(
+                f"calibrate: images of one size needed, got {probs.shape[1:]} after {self.size}"
+            )
+        pixels = probs.shape[1] * probs.shape[2]
+        stats = np.zeros((N_CLASSES, len(THRESHOLDS), len(COMPONENT_FRACTIONS), 2))
+        for c, (t, threshold) in itertools.product(range(N_CLASSES), enumerate(THRESHOLDS)):
+            thresholded = (probs[c] > threshold).astype(np.uint8)
+            if not thresholded.any():
+                continue  # all zeros
+            true = truth[c] > 0
+            for k, fraction in enumerate(COMPONENT_FRACTIONS):
+                min_component = round(fraction * pixels)
+                mask = (
+                    remove_small_components(thresholded, min_component)
+                    if min_component
+                    else thresholded
+                )
+                stats[c, t, k] = mask.sum(), (mask & true).sum()
+        self.stats.append(stats)
+        self.peaks.append(probs.reshape(N_CLASSES, -1).max(axis=1))
+        self.true_areas.append(truth.reshape(N_CLASSES, -1).sum(axis=1).astype(np.float64))
+
+    def result(self) -> tuple[Rules, dict]:
+        """Per class, the rule with the best mean Dice over the images; on a tie the earlier
+        grid entry wins (threshold 0.5, no area, no gate first). Returns the rules and a report:
+        Dice per class with plain threshold 0.5 and calibrated."""
+        if not self.stats:
+            raise SteelsegError("calibrate: no validation images")
+        stats, peaks, true_areas = (np.stack(v) for v in (self.stats, self.peaks, self.true_areas))
+        pixels = self.size[0] * self.size[1]
+        rules, before, after = [], [], []
+        for c in range(N_CLASSES):
+            best = (-1.0, None)
+            for (t, threshold), (k, component) in itertools.product(
+                enumerate(THRESHOLDS), enumerate(COMPONENT_FRACTIONS)
+            ):
+                area, inter = stats[:, c, t, k, 0], stats[:, c, t, k, 1]
+                if threshold == 0.5 and not component:
+                    before.append(float(pair_dice(inter, area, true_areas[:, c]).mean()))
+                for fraction, gate in itertools.product(AREA_FRACTIONS, GATES):
+                    if gate and gate <= threshold:
+                        continue  # a gate at or below the threshold changes nothing
+                    keep = (area >= fraction * pixels) & (peaks[:, c] >= gate)
+                    dice = pair_dice(inter * keep, area * keep, true_areas[:, c]).mean()
+                    if dice > best[0] + 1e-12:
+                        rule = ClassRule(
+                            threshold, round(fraction * pixels), round(component * pixels), gate
+                        )
+                        best = (float(dice), rule)
+            rules.append(best[1])
+            after.append(best[0])
+        report = {
+            "images": len(self.stats),
+            "dice_per_class_before": before,
+            "dice_per_class_after": after,
+            "kaggle_dice_before": float(np.mean(before)),
+            "kaggle_dice_after": float(np.mean(after)),
+        }
+        return Rules(tuple(rules), self.size), report
+
+
+def calibrate(probs: list[np.ndarray], truth: list[np.ndarray]) -> tuple[Rules, dict]:
+    """``Calibration`` over lists of (4, H, W) probabilities and truths."""
+    search = Calibration()
+    for p, t in zip(probs, truth):
+        search.add(p, t)
+    return search.result()

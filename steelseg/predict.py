@@ -105,11 +105,8 @@ class Predictor:
         rules: dict | None,
         use_gpu: bool,
     ):
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        model, _, _ = load_checkpoint(checkpoint)
-        self.model = model.to(self.device).eval()
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.device = device_for(use_gpu)
+        self.model = prepare(load_checkpoint(checkpoint)[0], self.device)
         self.columns = images.path_columns(list(modalities))
         self.tta = tta
         self.rules = postprocess.Rules.from_dict(rules) if rules else postprocess.Rules.plain()
@@ -230,6 +227,12 @@ def to_submission(results: pd.DataFrame) -> pd.DataFrame:
     return long[SUBMISSION_COLUMNS].reset_index(drop=True)
 
 
+def prepare(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model in eval mode on ``device``, channels_last on CUDA like its inputs."""
+    model = model.to(device).eval()
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
 def device_for(use_gpu: bool | None) -> torch.device:
     """CUDA when asked for (or, with None, when there is one); asking for a missing GPU is an
     error."""
@@ -259,22 +262,25 @@ def calibrate(
     table = catalog.read(split_file)
     val = table[table["split"] == "val"].reset_index(drop=True)
     device = device_for(use_gpu)
-    model = model.to(device)
+    model = prepare(model, device)
     columns = images.path_columns(config.modalities)
-    probs, truth = [], []
+    search = postprocess.Calibration()
+    empty = []
     for start in range(0, len(val), batch_size):
         rows = val.iloc[start : start + batch_size]
         stack = [images.read_stack([row[c] for c in columns]) for _, row in rows.iterrows()]
         if len({image.shape for image in stack}) == 1:
-            probs += list(probabilities(model, np.stack(stack), device, tta))
+            probs = probabilities(model, np.stack(stack), device, tta)
         else:
-            probs += [probabilities(model, image[None], device, tta)[0] for image in stack]
-        for (_, row), image in zip(rows.iterrows(), stack):
+            probs = [probabilities(model, image[None], device, tta)[0] for image in stack]
+        for (_, row), image, p in zip(rows.iterrows(), stack, probs):
             rles = [row[f"rle_{c}"] or "" for c in catalog.CLASS_IDS]
             height, width = image.shape[:2]
-            truth.append(rle.decode_classes(rles, height, width, image_id=row["image_id"]))
-    rules, report = postprocess.calibrate(probs, truth)
-    report["empty_baseline"] = float(np.mean([[not t[c].any() for c in range(4)] for t in truth]))
+            truth = rle.decode_classes(rles, height, width, image_id=row["image_id"])
+            search.add(p, truth)
+            empty.append(truth.reshape(len(rles), -1).max(axis=1) == 0)
+    rules, report = search.result()
+    report["empty_baseline"] = float(np.mean(empty))
     report["tta"] = tta
     report["checkpoint"] = str(folder)
     postprocess.save(rules, folder, report)

@@ -110,3 +110,12 @@ def test_batch_rules_match_the_per_class_rule():
             assert (masks[b, c] == expected).all()
             assert present[b, c] == expected.any()
     assert present.any() and not present.all()
+
+
+def test_calibration_needs_one_image_size():
+    search = postprocess.Calibration()
+    search.add(np.zeros((4, 32, 160), np.float32), np.zeros((4, 32, 160), np.uint8))
+    with pytest.raises(SteelsegError, match=r"one size needed, got \(64, 320\) after \(32, 160\)"):
+        search.add(np.zeros((4, 64, 320), np.float32), np.zeros((4, 64, 320), np.uint8))
+    with pytest.raises(SteelsegError, match="no validation images"):
+        postprocess.Calibration().result()
