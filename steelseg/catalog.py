@@ -289,14 +289,16 @@ def load(
     modalities: Sequence[str] = ("visible",),
     drop_bad: bool = False,
     report=print,
+    decode_images: bool = True,
 ) -> pd.DataFrame:
     """The table of a data set for training: fails on any problem unless ``drop_bad``.
+    ``decode_images=False`` checks image headers only (fast; a truncated JPEG goes unseen).
 
     Raises:
         DataProblems: the data set has problems and ``drop_bad`` is off; its message lists
             them, one a line, as ``steelseg validate`` prints them.
     """
-    table, problems = scan(data_dir, modalities=modalities)
+    table, problems = scan(data_dir, modalities=modalities, decode_images=decode_images)
     if not problems:
         return table
     if not drop_bad:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from steelseg import catalog, engine, images, postprocess, rle
 from steelseg.errors import SteelsegError
 from steelseg.model import ENCODER_STRIDE
-from steelseg.runs import CHECKPOINT_FILE, best_checkpoint, load_checkpoint
+from steelseg.runs import CHECKPOINT_FILE, best_checkpoint, load_checkpoint, load_config
 
 SUBMISSION_COLUMNS = ["ImageId", "EncodedPixels", "ClassId"]
 
@@ -165,7 +165,7 @@ def predict(
     if batch_size < 1 or actors < 1:
         raise SteelsegError("--batch-size and --actors must be >= 1")
     folder = resolve_checkpoint(checkpoint)
-    _, config, _ = load_checkpoint(folder)
+    config = load_config(folder)
     table = image_paths(Path(images_dir).expanduser().resolve(), config.modalities)
     rules = postprocess.load(folder) if calibrated else None
     how = f"calibrated rules of {postprocess.RULES_FILE}" if rules else f"threshold {threshold}"

@@ -18,13 +18,22 @@ HISTORY_FILE = "history.jsonl"
 SCORE = "val_kaggle_dice"
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[torch.nn.Module, TrainConfig, dict]:
-    """Rebuild the trained model from a checkpoint directory alone: (model, config, state)."""
+def _read_state(path: str | os.PathLike, mmap: bool = False) -> tuple[dict, TrainConfig]:
     file = Path(path) / CHECKPOINT_FILE
     if not file.is_file():
         raise SteelsegError(f"{path}: not a steelseg checkpoint (no {CHECKPOINT_FILE})")
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    config = TrainConfig.from_dict(state["config"], str(file))
+    state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    return state, TrainConfig.from_dict(state["config"], str(file))
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    """The run config stored in a checkpoint, without reading its ~200 MB of tensors."""
+    return _read_state(path, mmap=True)[1]
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[torch.nn.Module, TrainConfig, dict]:
+    """Rebuild the trained model from a checkpoint directory alone: (model, config, state)."""
+    state, config = _read_state(path)
     model = engine.build_model(config.replace(pretrained=""))
     model.load_state_dict(state["model"])
     return model.eval(), config, state
