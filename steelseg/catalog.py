@@ -348,8 +348,13 @@ def read(path: str | os.PathLike) -> pd.DataFrame:
         raise SteelsegError(f"{path}: cannot read catalog ({e})") from None
 
 
-def summary(table: pd.DataFrame) -> dict:
-    """Counts a user compares with DATA.md: masks and mean area per class, defect-free share."""
+def summary(table: pd.DataFrame, problems: Sequence[Problem] = ()) -> dict:
+    """Counts a user compares with DATA.md: masks and mean area per class, defect-free share.
+
+    Images named in ``problems`` are left out: their size or masks cannot be trusted.
+    """
+    flagged = {p.image_id for p in problems}
+    table = table[~table["image_id"].isin(flagged)]
     n = len(table)
     masks = {c: int(table[f"has_{c}"].sum()) for c in CLASS_IDS}
     n_classes = table[HAS_COLUMNS].sum(axis=1)

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from steelseg import catalog, synth
+from steelseg import catalog, rle, synth
 from steelseg.errors import SteelsegError
 
 DATA_MD_MASK_SHARE = {1: 0.13, 2: 0.03, 3: 0.73, 4: 0.11}
@@ -34,7 +34,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     modalities = args.modalities.split(",")
     size = _parse_size(args.size) if args.size else None
     table, problems = catalog.scan(args.data_dir, modalities=modalities, expected_size=size)
-    print(format_summary(catalog.summary(table)))
+    print(format_summary(catalog.summary(table, problems)))
     for problem in problems:
         print(problem)
     print(f"{len(problems)} problem(s) in {args.data_dir}")
@@ -105,16 +105,10 @@ def cmd_figures(args: argparse.Namespace) -> int:
         for _, row in shown.iterrows():
             image = images.read_image(row["path"])
             name, (height, width) = row["image_id"], image.shape[:2]
-            truth = {c: row[f"rle_{c}"] or "" for c in catalog.CLASS_IDS}
-            pred = predicted.get(name, {})
-            samples.append(
-                (
-                    name,
-                    image,
-                    evaluate.decode(truth, height, width, name),
-                    evaluate.decode(pred, height, width, name),
-                )
-            )
+            truth = [row[f"rle_{c}"] or "" for c in catalog.CLASS_IDS]
+            true = rle.decode_classes(truth, height, width, image_id=name)
+            pred = evaluate.decode(predicted.get(name, {}), height, width, args.submission)
+            samples.append((name, image, true, pred))
         written.append(figures.predictions_figure(samples, out / "figure3_predictions.png"))
     if not written:
         raise SteelsegError("figures: nothing to draw; give --data, --run and/or --submission")

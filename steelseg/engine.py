@@ -12,13 +12,14 @@ from contextlib import nullcontext
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from steelseg.config import TrainConfig
 from steelseg.images import in_channels
 from steelseg.losses import DiceBCELoss
 from steelseg.metrics import DiceCounts
-from steelseg.model import UNet, init_weights
+from steelseg.model import ENCODER_STRIDE, UNet, init_weights
 from steelseg.pretrained import load_encoder
 
 N_CLASSES = 4
@@ -87,9 +88,23 @@ def to_inputs(
     image = batch["image"].to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
     mean, std = normalisation(image.shape[1], device)
     image = (image - mean) / std
-    if channels_last:
-        image = image.contiguous(memory_format=torch.channels_last)
+    # The permuted batch is channels_last in memory; the model must get the layout of its
+    # weights, else convolutions and DDP's gradient buckets disagree (28% slower on CPU, and DDP
+    # warns that grad strides do not match bucket view strides).
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    image = image.contiguous(memory_format=layout)
     return image, unpack_masks(batch["mask"].to(device, non_blocking=True))
+
+
+def forward_padded(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits for images of any size: the U-Net needs sides divisible by its stride, so the input
+    is padded at the bottom and right (edge pixels repeated) and the logits cropped back, so
+    that losses and scores see only the image's own pixels."""
+    height, width = x.shape[-2:]
+    pad_h, pad_w = -height % ENCODER_STRIDE, -width % ENCODER_STRIDE
+    if not (pad_h or pad_w):
+        return model(x)
+    return model(F.pad(x, (0, pad_w, 0, pad_h), mode="replicate"))[..., :height, :width]
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -114,14 +129,15 @@ def train_one_epoch(
     """One pass over ``batches``; returns (sum of per-image loss, images seen).
 
     ``on_step(batch_index, loss, batch_images)`` is called after every batch. The optimizer steps
-    every ``grad_accum`` batches and once more at the end for a remainder.
+    every ``grad_accum`` batches and once more at the end for a remainder, whose gradient is the
+    mean over its own batches.
     """
     model.train()
     total, seen, pending = 0.0, 0, 0
     for i, batch in enumerate(batches):
         x, y = to_inputs(batch, device, channels_last=amp and device.type == "cuda")
         with autocast(device, amp):
-            logits = model(x)
+            logits = forward_padded(model, x)
         loss = loss_fn(logits, y)
         # scale so accumulated gradients average over the accumulated batches
         (loss / grad_accum).backward()
@@ -135,8 +151,15 @@ def train_one_epoch(
         if on_step:
             on_step(i, value, x.shape[0])
     if pending:
+        _rescale_gradients(model, grad_accum / pending)
         _step(optimizer, scheduler)
     return total, seen
+
+
+def _rescale_gradients(model: nn.Module, factor: float) -> None:
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(factor)
 
 
 def _step(optimizer, scheduler) -> None:
@@ -164,7 +187,7 @@ def evaluate(
     for batch in batches:
         x, y = to_inputs(batch, device, channels_last=amp and device.type == "cuda")
         with autocast(device, amp):
-            logits = model(x)
+            logits = forward_padded(model, x)
         total += loss_fn(logits, y).item() * x.shape[0]
         seen += x.shape[0]
         pred = torch.sigmoid(logits.float()) > threshold

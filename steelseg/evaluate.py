@@ -9,25 +9,37 @@ import numpy as np
 import torch
 
 from steelseg import catalog, rle
-from steelseg.errors import SteelsegError
+from steelseg.errors import RLEError, SteelsegError
 from steelseg.metrics import DiceCounts, Scores
 
 
-def read_rows(csv_path: Path, listed: set[str] | None = None) -> dict[str, dict[int, str]]:
-    """image -> {class: RLE} of a train.csv or a submission; a bad row is an error."""
+def read_rows(
+    csv_path: Path, listed: set[str] | None = None
+) -> dict[str, dict[int, catalog.MaskRow]]:
+    """image -> {class: row} of a train.csv or a submission's non-empty rows; a bad row is an
+    error naming the file and row."""
     rows, problems = catalog.read_masks(csv_path, listed)
     if problems:
         raise SteelsegError(f"{len(problems)} bad row(s) in {csv_path}, first: {problems[0]}")
-    masks: dict[str, dict[int, str]] = {}
+    masks: dict[str, dict[int, catalog.MaskRow]] = {}
     for row in rows:
-        masks.setdefault(row.image_id, {})[row.class_id] = row.rle
+        masks.setdefault(row.image_id, {})[row.class_id] = row
     return masks
 
 
-def decode(rles: dict[int, str], height: int, width: int, image_id: str) -> np.ndarray:
-    return rle.decode_classes(
-        [rles.get(c, "") for c in catalog.CLASS_IDS], height, width, image_id=image_id
-    )
+def decode(
+    rows: dict[int, catalog.MaskRow], height: int, width: int, source: str | Path
+) -> np.ndarray:
+    """(4, H, W) masks of an image's rows; a bad RLE is an error naming ``source`` and the row."""
+    masks = np.zeros((len(catalog.CLASS_IDS), height, width), np.uint8)
+    for class_id, row in rows.items():
+        try:
+            masks[class_id - 1] = rle.decode(
+                row.rle, height, width, image_id=row.image_id, class_id=class_id
+            )
+        except RLEError as e:
+            raise SteelsegError(f"{source} row {row.line}: {e}") from None
+    return masks
 
 
 def evaluate(truth_csv: str, images_dir: str, submission_csv: str) -> Scores:
@@ -59,8 +71,8 @@ def evaluate(truth_csv: str, images_dir: str, submission_csv: str) -> Scores:
         info = catalog.inspect_image(folder / name, decode=False)
         if info.error:
             raise SteelsegError(f"{folder / name}: {info.error}")
-        true = decode(truth.get(name, {}), info.height, info.width, name)
-        pred = decode(predicted.get(name, {}), info.height, info.width, name)
+        true = decode(truth.get(name, {}), info.height, info.width, truth_csv)
+        pred = decode(predicted.get(name, {}), info.height, info.width, submission_csv)
         counts.update(torch.from_numpy(pred[None]), torch.from_numpy(true[None]))
     return counts.compute()
 

@@ -11,11 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from steelseg import catalog, engine, images, postprocess, rle
 from steelseg.errors import SteelsegError
-from steelseg.model import ENCODER_STRIDE
 from steelseg.runs import CHECKPOINT_FILE, best_checkpoint, load_checkpoint, load_config
 
 SUBMISSION_COLUMNS = ["ImageId", "EncodedPixels", "ClassId"]
@@ -59,26 +57,22 @@ def probabilities(
 def probability_tensor(
     model: torch.nn.Module, batch: np.ndarray, device: torch.device, tta: bool = False
 ) -> torch.Tensor:
-    """``probabilities`` left on the device."""
-    height, width = batch.shape[1:3]
-    pad_h, pad_w = -height % ENCODER_STRIDE, -width % ENCODER_STRIDE
+    """``probabilities`` left on the device. Each flipped view is padded on its own, so TTA is
+    exactly the mean of predicting the flipped images."""
     x, _ = engine.to_inputs(
         {"image": torch.from_numpy(batch), "mask": torch.zeros(batch.shape[:3], dtype=torch.uint8)},
         device,
         channels_last=device.type == "cuda",
     )
-    if pad_h or pad_w:
-        x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
     total = None
     for dims in flips(tta):
         view = x.flip(dims) if dims else x
         with engine.autocast(device, enabled=True):
-            logits = model(view)
+            logits = engine.forward_padded(model, view)
         probs = torch.sigmoid(logits.float())
         probs = probs.flip(dims) if dims else probs
         total = probs if total is None else total + probs
-    probs = total / len(flips(tta))
-    return probs[:, :, :height, :width]
+    return total / len(flips(tta))
 
 
 def image_paths(images_dir: Path, modalities: Sequence[str]) -> pd.DataFrame:

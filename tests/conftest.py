@@ -32,6 +32,14 @@ def data_copy(synth_dir, tmp_path) -> Path:
 H, W = 32, 160
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that needs the Ray cluster, directly or through a fixture, is marked ``ray``,
+    so ``pytest -m "not ray"`` runs the rest."""
+    for item in items:
+        if "cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def cluster():
     ray = pytest.importorskip("ray")

@@ -38,3 +38,26 @@ def test_unknown_subcommand_exits_nonzero():
     with pytest.raises(SystemExit) as info:
         main(["frobnicate"])
     assert info.value.code == 2
+
+
+def test_validate_lists_every_problem_when_a_bad_rle_is_on_an_existing_image(data_copy, capsys):
+    names = sorted(p.name for p in (data_copy / "train_images").iterdir())
+    masked = [line.split(",")[0] for line in (data_copy / "train.csv").read_text().splitlines()[1:]]
+    truncated = masked[0]
+    whole = (data_copy / "train_images" / truncated).read_bytes()
+    (data_copy / "train_images" / truncated).write_bytes(whole[: len(whole) // 2])
+    clean = next(n for n in names if n not in masked)
+    with open(data_copy / "train.csv", "a") as f:
+        f.write(f"{clean},3,10 5 3 7\n")  # runs out of order
+        f.write("ghost.jpg,1,1 2\n")
+    rows = len((data_copy / "train.csv").read_text().splitlines())
+    assert main(["validate", str(data_copy)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert f"train_images/{truncated}: unreadable image" in "\n".join(out)
+    assert any(
+        line.startswith(f"train.csv row {rows - 1}: bad RLE for image {clean} class 3")
+        for line in out
+    )
+    assert any(line.startswith(f"train.csv row {rows}: image ghost.jpg") for line in out)
+    assert out[0].startswith("58 images")  # the summary leaves out the two flagged images
+    assert out[-1] == f"3 problem(s) in {data_copy}"

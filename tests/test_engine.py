@@ -1,0 +1,131 @@
+"""The training step and the evaluation without Ray: padding, gradient accumulation, the
+learning-rate schedule and the class bits."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from steelseg import engine
+from steelseg.config import TrainConfig
+from steelseg.pipeline import pack_bits
+
+
+class Constant(nn.Module):
+    """Logits of one value per class everywhere; only sides divisible by 32 are accepted."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = nn.Parameter(torch.tensor(logits, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        if x.shape[-2] % 32 or x.shape[-1] % 32:
+            raise ValueError(f"not divisible by 32: {tuple(x.shape)}")
+        return self.logits.expand(x.shape[0], -1, *x.shape[-2:]) + 0 * x[:, :1]
+
+
+def uint8_batch(n, height, width, seed=0, bits=None):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 255, (n, height, width, 3), dtype=np.uint8)
+    mask = np.zeros((n, height, width), np.uint8) if bits is None else bits
+    return {"image": torch.from_numpy(image), "mask": torch.from_numpy(mask)}
+
+
+def test_forward_padded_crops_back_to_the_image_and_matches_the_padded_model():
+    torch.manual_seed(0)
+    model = engine.build_model(TrainConfig()).eval()
+    x = torch.randn(2, 3, 40, 170)
+    with torch.no_grad():
+        out = engine.forward_padded(model, x)
+        padded = model(torch.nn.functional.pad(x, (0, 22, 0, 24), mode="replicate"))
+    assert out.shape == (2, 4, 40, 170)
+    torch.testing.assert_close(out, padded[..., :40, :170])
+
+
+def test_evaluate_scores_only_the_unpadded_pixels_of_odd_sized_images():
+    height, width = 40, 170
+    truth = np.zeros((2, height, width), np.uint8)
+    truth[0, :, :] = 0b0100  # class 3 everywhere on the first image
+    model = Constant([-9.0, -9.0, 9.0, -9.0])  # predicts class 3 everywhere
+    batch = uint8_batch(2, height, width, bits=truth)
+    loss_fn = engine.build_loss(TrainConfig())
+    _, seen, counts, samples = engine.evaluate(model, [batch], loss_fn, torch.device("cpu"), keep=1)
+    assert seen == 2
+    scores = counts.compute()
+    # image 1 class 3 is perfect, image 2 class 3 is a false positive, classes 1,2,4 are right
+    assert scores.kaggle_dice == pytest.approx(7 / 8)
+    assert samples[0][2].shape == (4, height, width)
+    assert int(samples[0][2][2].sum()) == height * width
+
+
+def test_train_one_epoch_on_odd_sized_images_steps_the_optimizer():
+    torch.manual_seed(0)
+    model = engine.build_model(TrainConfig())
+    config = TrainConfig(warmup_steps=1)
+    optimizer = engine.build_optimizer(config, model)
+    scheduler = engine.build_scheduler(config, optimizer, 10)
+    before = model.conv_last.weight.detach().clone()
+    total, seen = engine.train_one_epoch(
+        model, [uint8_batch(2, 40, 170)], engine.build_loss(config), optimizer, scheduler,
+        torch.device("cpu"),
+    )  # fmt: skip
+    assert seen == 2 and np.isfinite(total)
+    assert not torch.equal(model.conv_last.weight, before)
+
+
+def sgd_after(grad_accum):
+    """One weight trained with SGD lr=1 on three batches whose loss gradients are 1/4, 2/4, 3/4:
+    the loss is the mean of the weight over the class-1 pixels, which cover k/4 of batch k."""
+
+    class Weight(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return self.w * torch.ones(x.shape[0], 4, *x.shape[-2:])
+
+    batches = []
+    for k in (1, 2, 3):
+        bits = np.zeros((1, 32, 32), np.uint8)
+        bits[:, : 8 * k] = 1
+        batches.append(uint8_batch(1, 32, 32, bits=bits))
+    model = Weight()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def loss_fn(logits, target):
+        return (logits[:, 0] * target[:, 0]).mean()
+
+    engine.train_one_epoch(
+        model, batches, loss_fn, optimizer, scheduler, torch.device("cpu"), grad_accum=grad_accum
+    )
+    return model.w.item()
+
+
+def test_gradient_accumulation_averages_every_group_and_the_last_partial_one():
+    assert sgd_after(grad_accum=1) == pytest.approx(-(0.25 + 0.5 + 0.75))
+    # a step of mean(1/4, 2/4), then one of the last batch's 3/4 alone
+    assert sgd_after(grad_accum=2) == pytest.approx(-(0.375 + 0.75))
+    assert sgd_after(grad_accum=4) == pytest.approx(-0.5)
+
+
+def test_lr_factor_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    assert engine.lr_factor(0, 4, 20) == pytest.approx(0.25)
+    assert engine.lr_factor(3, 4, 20) == pytest.approx(1.0)
+    assert engine.lr_factor(4, 4, 20) == pytest.approx(1.0)
+    assert engine.lr_factor(12, 4, 20) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert engine.lr_factor(20, 4, 20) == pytest.approx(0.01)
+    assert engine.lr_factor(50, 4, 20) == pytest.approx(0.01)
+
+
+def test_class_bits_pack_and_unpack_every_combination():
+    masks = np.zeros((4, 2, 8), np.uint8)
+    for value in range(16):
+        for c in range(4):
+            masks[c, value // 8, value % 8] = (value >> c) & 1
+    bits = pack_bits(masks)
+    assert bits.reshape(-1).tolist() == list(range(16))
+    unpacked = engine.unpack_masks(torch.from_numpy(bits)[None])
+    assert unpacked.dtype == torch.float32
+    np.testing.assert_array_equal(unpacked[0].numpy(), masks)

@@ -1,0 +1,68 @@
+"""Scoring submissions: perfect, empty and broken ones, on the real 256x1600 images."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from steelseg import catalog
+from steelseg.cli import main as steelseg
+from steelseg.errors import SteelsegError
+
+
+def write_submission(path: Path, masks: dict[str, dict[int, str]], names: list[str]) -> Path:
+    rows = [(n, masks.get(n, {}).get(c, ""), c) for n in names for c in range(1, 5)]
+    pd.DataFrame(rows, columns=["ImageId", "EncodedPixels", "ClassId"]).to_csv(path, index=False)
+    return path
+
+
+def test_evaluate_perfect_empty_and_broken_submissions(real_dir, tmp_path, capsys):
+    from steelseg.evaluate import evaluate, read_rows
+
+    images = real_dir / "train_images"
+    names = catalog.list_images(images)
+    rows = read_rows(real_dir / "train.csv")
+    truth = {name: {c: row.rle for c, row in by_class.items()} for name, by_class in rows.items()}
+    perfect = evaluate(
+        real_dir / "train.csv", images, write_submission(tmp_path / "p.csv", truth, names)
+    )
+    assert perfect.kaggle_dice == 1.0 and perfect.dice_nonempty == 1.0
+    present = [c for c in range(4) if not np.isnan(perfect.presence_recall[c])]
+    assert present and all(perfect.presence_recall[c] == 1.0 for c in present)
+    assert all(perfect.presence_precision[c] == 1.0 for c in present)
+    empty = evaluate(
+        real_dir / "train.csv", images, write_submission(tmp_path / "e.csv", {}, names)
+    )
+    pairs_with_defect = sum(len(v) for k, v in truth.items() if k in names)
+    assert empty.kaggle_dice == pytest.approx(1 - pairs_with_defect / (4 * len(names)))
+    assert empty.kaggle_dice == pytest.approx(empty.empty_baseline)
+
+    write_submission(tmp_path / "short.csv", truth, names[:-1])
+    code = steelseg(["evaluate", "--truth", str(real_dir / "train.csv"), "--images", str(images),
+                     "--submission", str(tmp_path / "short.csv")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert (
+        code == 1 and err.count("\n") == 0 and "no rows for 1 image(s)" in err and names[-1] in err
+    )
+    (tmp_path / "class5.csv").write_text(f"ImageId,EncodedPixels,ClassId\n{names[0]},1 2,5\n")
+    with pytest.raises(SteelsegError, match="1 bad row.*class5.csv row 2: ClassId '5'"):
+        evaluate(real_dir / "train.csv", images, tmp_path / "class5.csv")
+    bad = {names[0]: {1: "5 10 3"}}  # an odd number of values
+    write_submission(tmp_path / "bad.csv", bad, names)
+    with pytest.raises(SteelsegError, match=names[0]):
+        evaluate(real_dir / "train.csv", images, tmp_path / "bad.csv")
+
+
+def test_evaluate_names_the_truth_file_and_row_of_a_bad_rle(real_dir, tmp_path, capsys):
+    images = real_dir / "train_images"
+    names = catalog.list_images(images)
+    lines = (real_dir / "train.csv").read_text().splitlines()
+    truth = tmp_path / "truth.csv"
+    truth.write_text("\n".join([*lines, f"{names[0]},2,10 5 3 7"]) + "\n")
+    write_submission(tmp_path / "empty.csv", {}, names)
+    code = steelseg(["evaluate", "--truth", str(truth), "--images", str(images),
+                     "--submission", str(tmp_path / "empty.csv")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.count("\n") == 0
+    assert f"{truth} row {len(lines) + 1}: bad RLE for image {names[0]} class 2" in err
