@@ -20,6 +20,7 @@ from PIL import Image
 
 from steelseg import rle
 from steelseg.errors import RLEError, SteelsegError
+from steelseg.paths import local_path
 
 CLASS_IDS = (1, 2, 3, 4)
 RLE_COLUMNS = [f"rle_{c}" for c in CLASS_IDS]
@@ -223,9 +224,10 @@ def scan(
     Raises:
         SteelsegError: a missing folder or CSV, or a CSV header of neither known format.
     """
-    if not Path(data_dir).is_dir():
+    folder = local_path(data_dir, "data")
+    if not folder.is_dir():
         raise SteelsegError(f"{data_dir}: no such data folder")
-    data_dir = Path(data_dir).resolve()
+    data_dir = folder.resolve()
     rows, problems = read_masks(data_dir / "train.csv")
     first = modality_dir(modalities[0])
     image_ids = list_images(data_dir / first)

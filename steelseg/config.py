@@ -13,6 +13,7 @@ import yaml
 
 from steelseg.errors import SteelsegError
 from steelseg.model import ENCODER_STRIDE
+from steelseg.paths import local_path
 
 HELP = {
     "data": "Severstal-layout folder (train.csv, train_images/); empty: a synthetic demo set",
@@ -95,10 +96,19 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        positive = ("epochs", "batch_size", "grad_accum", "num_workers", "synth_images")
+        positive = (
+            "epochs", "batch_size", "grad_accum", "num_workers", "synth_images", "keep_checkpoints"
+        )  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise SteelsegError(f"config {name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "max_failures", "log_images"):
+            if getattr(self, name) < 0:
+                raise SteelsegError(f"config {name} must be >= 0, got {getattr(self, name)}")
+        if self.cpus_per_worker <= 0:
+            raise SteelsegError(
+                f"config cpus_per_worker must be positive, got {self.cpus_per_worker}"
+            )
         if self.lr <= 0:
             raise SteelsegError(f"config lr must be positive, got {self.lr}")
         if self.bce_weight < 0 or self.dice_weight < 0 or self.bce_weight + self.dice_weight == 0:
@@ -112,6 +122,8 @@ class TrainConfig:
                 raise SteelsegError(
                     f"config {name} must be a multiple of {ENCODER_STRIDE}, got {value}"
                 )
+        if bool(self.crop_height) != bool(self.crop_width):
+            raise SteelsegError("config crop_height and crop_width must both be set or both be 0")
         if not 0 < self.head_prior < 1:
             raise SteelsegError(f"config head_prior must be in (0, 1), got {self.head_prior}")
         if not 0 < self.val_fraction < 1:
@@ -125,6 +137,8 @@ class TrainConfig:
                 f"config placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
                 f"got {self.placement_strategy!r}"
             )
+        for name in ("data", "storage", "pretrained"):
+            local_path(getattr(self, name), f"config {name}")
         if self.pos_weight is not None and len(self.pos_weight) != 4:
             raise SteelsegError(f"config pos_weight needs 4 values, got {self.pos_weight}")
 
@@ -167,14 +181,19 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def _check_type(key: str, value: Any, default: Any, source: str) -> Any:
-    """The value, as the type of the field's default (an int where a float is expected is fine)."""
+    """The value, as the field's type (an int where a float is expected is fine); a list's
+    elements are checked too."""
     if key == "pos_weight" and value is None:
         return value
     expected = type(default) if default is not None else list
+    if expected is list:
+        if not isinstance(value, list | tuple):
+            raise SteelsegError(f"{source}: config {key} must be a list, got {value!r}")
+        return [_check_type(key, v, LIST_ELEMENT[key](), source) for v in value]
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
-        return list(value) if expected is list else value
+        return value
     raise SteelsegError(f"{source}: config {key} must be {expected.__name__}, got {value!r}")
 
 
@@ -195,7 +214,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 help=text,
             )
         else:
-            kind = _parse_list if f.name in LIST_FIELDS else type(default)
+            kind = _parse_list if f.name in LIST_ELEMENT else type(default)
             parser.add_argument(
                 flag,
                 dest=f.name,
@@ -206,7 +225,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             )
 
 
-LIST_FIELDS = ("modalities", "pos_weight")
+LIST_ELEMENT = {"modalities": str, "pos_weight": float}
 
 
 def _parse_list(text: str) -> list:

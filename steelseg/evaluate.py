@@ -11,6 +11,7 @@ import torch
 from steelseg import catalog, rle
 from steelseg.errors import RLEError, SteelsegError
 from steelseg.metrics import DiceCounts, Scores
+from steelseg.paths import local_path
 
 
 def read_rows(
@@ -49,13 +50,17 @@ def evaluate(truth_csv: str, images_dir: str, submission_csv: str) -> Scores:
         SteelsegError: an unreadable file, a bad row or RLE (named), or a submission that misses
             images of the folder or names images outside it.
     """
-    folder = Path(images_dir).expanduser()
+    folder = local_path(images_dir, "images")
+    truth_csv, submission_csv = (
+        local_path(truth_csv, "truth"),
+        local_path(submission_csv, "submission"),
+    )
     names = catalog.list_images(folder)
     if not names:
         raise SteelsegError(f"{folder}: no .jpg images to score")
-    truth = read_rows(Path(truth_csv).expanduser())
+    truth = read_rows(truth_csv)
     listed: set[str] = set()
-    predicted = read_rows(Path(submission_csv).expanduser(), listed)
+    predicted = read_rows(submission_csv, listed)
     missing = sorted(set(names) - listed)
     if missing:
         raise SteelsegError(

@@ -93,12 +93,6 @@ def check_crop(config: TrainConfig, table: pd.DataFrame) -> None:
             f"config crop {config.crop_height}x{config.crop_width} is larger than the images "
             f"({height}x{width})"
         )
-    if bool(config.crop_height) != bool(config.crop_width):
-        raise SteelsegError("config crop_height and crop_width must both be set or both be 0")
-    if not config.crop_height and (height % 32 or width % 32):
-        raise SteelsegError(
-            f"images are {height}x{width}, not multiples of 32: set crop_height and crop_width"
-        )
 
 
 def train_dataset(table: pd.DataFrame, config: TrainConfig) -> ray.data.Dataset:

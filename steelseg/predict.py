@@ -14,6 +14,7 @@ import torch
 
 from steelseg import catalog, engine, images, postprocess, rle
 from steelseg.errors import SteelsegError
+from steelseg.paths import local_path
 from steelseg.runs import CHECKPOINT_FILE, best_checkpoint, load_checkpoint, load_config
 
 SUBMISSION_COLUMNS = ["ImageId", "EncodedPixels", "ClassId"]
@@ -26,7 +27,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     Raises:
         SteelsegError: the path is none of these.
     """
-    path = Path(path).expanduser().resolve()
+    path = local_path(path, "checkpoint").resolve()
     if (path / CHECKPOINT_FILE).is_file():
         return path
     if (path / "best_checkpoint.txt").is_file():
@@ -160,7 +161,8 @@ def predict(
         raise SteelsegError("--batch-size and --actors must be >= 1")
     folder = resolve_checkpoint(checkpoint)
     config = load_config(folder)
-    table = image_paths(Path(images_dir).expanduser().resolve(), config.modalities)
+    table = image_paths(local_path(images_dir, "images").resolve(), config.modalities)
+    out = local_path(out, "out")
     rules = postprocess.load(folder) if calibrated else None
     how = f"calibrated rules of {postprocess.RULES_FILE}" if rules else f"threshold {threshold}"
     rules = rules or postprocess.Rules.plain(threshold)
@@ -201,7 +203,6 @@ def predict(
             f"{len(failed)} unreadable image(s), first {failed['error'].iloc[0]}; nothing written"
         )
     submission = to_submission(results)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     submission.to_csv(out, index=False)
     found = (submission["EncodedPixels"] != "").sum()

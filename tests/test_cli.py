@@ -61,3 +61,18 @@ def test_validate_lists_every_problem_when_a_bad_rle_is_on_an_existing_image(dat
     assert any(line.startswith(f"train.csv row {rows}: image ghost.jpg") for line in out)
     assert out[0].startswith("58 images")  # the summary leaves out the two flagged images
     assert out[-1] == f"3 problem(s) in {data_copy}"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["validate", "gs://bucket/severstal"],
+        ["evaluate", "--truth", "s3://b/train.csv", "--images", ".", "--submission", "s.csv"],
+        ["calibrate", "s3://bucket/runs/demo"],
+        ["figures", "out", "--run", "s3://bucket/runs/demo"],
+    ],
+)
+def test_uris_are_refused_in_one_line(argv, capsys):
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "URIs are not supported yet" in err

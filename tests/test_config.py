@@ -1,14 +1,9 @@
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from steelseg.config import TrainConfig, add_arguments, from_args, read_config_file
 from steelseg.errors import SteelsegError
-
-TRAIN_JOB = Path(__file__).parent.parent / "ray_jobs" / "train.py"
 
 
 def parse(*argv):
@@ -43,6 +38,12 @@ def test_json_file_and_list_flags(tmp_path):
         ("lr: [\n", "run.yaml: not valid yaml"),
         ("crop_height: 100\n", "crop_height must be a multiple of 32, got 100"),
         ("placement_strategy: WIDE\n", "placement_strategy must be PACK"),
+        ("pos_weight: [a, b, c, d]\n", "run.yaml: config pos_weight must be float, got 'a'"),
+        ("pos_weight: [1, 2]\n", "config pos_weight needs 4 values"),
+        ("modalities: visible\n", "run.yaml: config modalities must be a list, got 'visible'"),
+        ("modalities: [visible, 3]\n", "run.yaml: config modalities must be str, got 3"),
+        ("keep_checkpoints: 0\n", "config keep_checkpoints must be at least 1, got 0"),
+        ("max_failures: -1\n", "config max_failures must be >= 0, got -1"),
     ],
 )
 def test_bad_config_files_are_one_line_errors(tmp_path, text, message):
@@ -58,16 +59,23 @@ def test_config_round_trips_through_a_dict():
     assert config.replace(epochs=2).epochs == 2
 
 
-def run_job(*args):
-    return subprocess.run(
-        [sys.executable, str(TRAIN_JOB), *args], capture_output=True, text=True, timeout=120
-    )
+def run_job(capsys, *args):
+    """The train job's main in this process: (exit code, stdout, stderr)."""
+    from ray_jobs.train import main
+
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse's --help and usage errors
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
-def test_train_job_help_shows_every_flag_with_defaults():
-    out = run_job("--help")
-    assert out.returncode == 0
-    text = " ".join(out.stdout.split())
+def test_train_job_help_shows_every_flag_with_defaults(capsys):
+    code, out, _ = run_job(capsys, "--help")
+    assert code == 0
+    text = " ".join(out.split())
     for flag in (
         "--data",
         "--storage",
@@ -81,31 +89,48 @@ def test_train_job_help_shows_every_flag_with_defaults():
         "--use-gpu",
         "--no-use-gpu",
         "--config",
+        "--verbose",
     ):
         assert flag in text
     assert f"(default: {TrainConfig().lr})" in text
 
 
-def test_train_job_unknown_config_key_is_one_line_and_exit_1(tmp_path):
+def test_train_job_unknown_config_key_is_one_line_and_exit_1(tmp_path, capsys):
     (tmp_path / "run.yaml").write_text("epochs: 2\nlearning_rate: 0.1\n")
-    out = run_job("--config", str(tmp_path / "run.yaml"))
-    assert out.returncode == 1
-    assert out.stderr.strip().count("\n") == 0
-    assert "unknown config key(s) learning_rate" in out.stderr and "Traceback" not in out.stderr
+    code, _, err = run_job(capsys, "--config", str(tmp_path / "run.yaml"))
+    assert code == 1
+    assert err.strip().count("\n") == 0
+    assert "unknown config key(s) learning_rate" in err and "Traceback" not in err
 
 
-def test_train_job_bad_data_path_is_one_line_and_exit_1(tmp_path):
-    out = run_job("--data", str(tmp_path / "missing"), "--storage", str(tmp_path))
-    assert out.returncode == 1
-    assert out.stderr.strip() == f"steelseg: error: {tmp_path / 'missing'}: no such data folder"
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("missing.yaml", None, "missing.yaml: cannot read config (No such file or directory)"),
+        ("run.json", '{"lr": 0.1,}', "run.json: not valid json"),
+        ("run.json", '{"pos_weight": ["a", 1, 1, 1]}', "config pos_weight must be float, got 'a'"),
+    ],
+)
+def test_train_job_bad_config_file_is_one_line_and_exit_1(tmp_path, capsys, name, text, message):
+    if text is not None:
+        (tmp_path / name).write_text(text)
+    code, _, err = run_job(capsys, "--config", str(tmp_path / name))
+    assert code == 1 and err.strip().count("\n") == 0
+    assert err.startswith("steelseg: error: ") and message in err
 
 
-def test_train_job_refuses_bad_data_with_the_validate_lines(data_copy, tmp_path):
+def test_train_job_bad_data_path_is_one_line_and_exit_1(tmp_path, capsys):
+    code, _, err = run_job(capsys, "--data", str(tmp_path / "missing"), "--storage", str(tmp_path))
+    assert code == 1
+    assert err.strip() == f"steelseg: error: {tmp_path / 'missing'}: no such data folder"
+
+
+def test_train_job_refuses_bad_data_with_the_validate_lines(data_copy, tmp_path, capsys):
     with open(data_copy / "train.csv", "a") as f:
         f.write("ghost.jpg,3,1 2\n")
-    out = run_job("--data", str(data_copy), "--storage", str(tmp_path))
-    assert out.returncode == 1
-    lines = out.stderr.strip().splitlines()
+    code, _, err = run_job(capsys, "--data", str(data_copy), "--storage", str(tmp_path))
+    assert code == 1
+    lines = err.strip().splitlines()
     assert lines[0].startswith("train.csv row") and "ghost.jpg is not in train_images/" in lines[0]
     assert lines[-1].startswith("steelseg: error: 1 data problem(s)") and "--drop-bad" in lines[-1]
 
@@ -117,3 +142,12 @@ def test_resolved_paths_are_absolute(tmp_path, monkeypatch):
     assert config.storage == str(tmp_path / "runs")
     assert TrainConfig(pretrained="imagenet").resolved().pretrained == "imagenet"
     assert TrainConfig().resolved().data == ""
+
+
+@pytest.mark.parametrize("key", ["data", "storage", "pretrained"])
+def test_object_store_uris_are_refused_in_one_line_without_credentials(key):
+    with pytest.raises(SteelsegError) as info:
+        TrainConfig(**{key: "s3://KEY:SECRET@bucket/runs?endpoint_override=http://x"})
+    message = str(info.value)
+    assert message.startswith(f"config {key} s3://bucket/runs: s3:// URIs are not supported yet")
+    assert "SECRET" not in message and "\n" not in message

@@ -21,6 +21,16 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
     c = synth.write_dataset(tmp_path / "c", 12, height=32, width=160, seed=6, processes=2)
     assert digest(a) == digest(b)
     assert set(digest(a)).isdisjoint(set(digest(c)) - {"train.csv"})
+    from PIL import Image
+
+    def pixels(folder):
+        files = sorted((folder / "train_images").glob("*.jpg"))
+        return np.stack([np.asarray(Image.open(p), dtype=np.float32) for p in files])
+
+    # other pixels, not only other names: no image of seed 6 repeats one of seed 5
+    first, other = pixels(a), pixels(c)
+    differences = np.abs(first[:, None] - other[None]).mean(axis=(2, 3, 4))
+    assert differences.min() > 1.0
 
 
 def test_layout_is_the_real_one(synth_dir):

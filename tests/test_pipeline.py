@@ -1,0 +1,53 @@
+"""The data pipeline's pieces without Ray: crop checks, augmentation seeding, the demo data."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from steelseg import pipeline
+from steelseg.config import TrainConfig
+from steelseg.errors import SteelsegError
+
+
+def test_crop_larger_than_the_images_is_refused_and_any_image_size_is_allowed():
+    table = pd.DataFrame({"height": [40, 48], "width": [170, 200]})
+    pipeline.check_crop(TrainConfig(), table)  # whole images of sides not divisible by 32
+    pipeline.check_crop(TrainConfig(crop_height=32, crop_width=160), table)
+    with pytest.raises(SteelsegError, match="crop 64x160 is larger than the images"):
+        pipeline.check_crop(TrainConfig(crop_height=64, crop_width=160), table)
+    with pytest.raises(SteelsegError, match="both be set or both be 0"):
+        TrainConfig(crop_height=32)
+
+
+def augment(seed, ids):
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.integers(0, 255, (4, 64, 96, 3), dtype=np.uint8),
+        "mask": rng.integers(0, 16, (4, 64, 96), dtype=np.uint8),
+        "image_id": np.array(ids),
+    }
+    return pipeline.augment_batch(batch, 32, 64, seed)
+
+
+def test_augmentation_repeats_for_the_same_batch_and_seed_and_changes_otherwise():
+    ids = ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
+    first, again = augment(0, ids), augment(0, ids)
+    assert first["image"].shape == (4, 32, 64, 3) and first["mask"].shape == (4, 32, 64)
+    np.testing.assert_array_equal(first["image"], again["image"])
+    np.testing.assert_array_equal(first["mask"], again["mask"])
+    other_seed = augment(1, ids)
+    other_epoch = augment(0, ids[::-1])  # the per-epoch shuffle makes other batches
+    assert not np.array_equal(first["image"], other_seed["image"])
+    assert not np.array_equal(first["image"], other_epoch["image"])
+
+
+def test_demo_data_is_cached_per_modality_set(tmp_path, monkeypatch):
+    from steelseg.train import demo_data
+
+    monkeypatch.setenv("STEELSEG_CACHE", str(tmp_path))
+    plain = demo_data(TrainConfig(synth_images=6))
+    fused = demo_data(TrainConfig(synth_images=6, modalities=["visible", "ir"]))
+    assert plain != fused
+    assert not (plain / "train_images_ir").exists()
+    assert len(list((fused / "train_images_ir").glob("*.jpg"))) == 6
+    assert demo_data(TrainConfig(synth_images=6)) == plain  # made once
