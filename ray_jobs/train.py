@@ -21,8 +21,15 @@ def main(argv=None) -> int:
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     run_config.add_arguments(parser)
+    parser.add_argument(
+        "--verbose", action="store_true", help="show Ray's logs and the workers' output"
+    )
     args = parser.parse_args(argv)
-    return run_command(lambda a: report_result(fit(run_config.from_args(a))), args)
+    return run_command(
+        lambda a: report_result(fit(run_config.from_args(a), verbose=a.verbose)),
+        args,
+        verbose=args.verbose,
+    )
 
 
 if __name__ == "__main__":

@@ -5,12 +5,14 @@ Errors a user can fix are printed as one line on stderr, with exit status 1.
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from steelseg import catalog, rle, synth
 from steelseg.errors import SteelsegError
+from steelseg.paths import local_path
 
 DATA_MD_MASK_SHARE = {1: 0.13, 2: 0.03, 3: 0.73, 4: 0.11}
 DATA_MD_AREA = {1: 0.011, 2: 0.008, 3: 0.062, 4: 0.084}
@@ -81,7 +83,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
     from steelseg import evaluate, figures, images
 
-    out = Path(args.out)
+    out = local_path(args.out, "figures folder")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if args.data:
@@ -89,12 +91,14 @@ def cmd_figures(args: argparse.Namespace) -> int:
         table = catalog.load(args.data, drop_bad=True, decode_images=False, report=print)
         written.append(figures.samples_figure(table, out / "figure1_samples.png", args.count))
     if args.run_dir:
-        written.append(figures.loss_curves(Path(args.run_dir), out / "figure2_loss.png"))
+        written.append(
+            figures.loss_curves(local_path(args.run_dir, "run"), out / "figure2_loss.png")
+        )
     if args.submission:
         if not args.data:
             raise SteelsegError("figures --submission needs --data (the truth and the images)")
         listed: set[str] = set()
-        predicted = evaluate.read_rows(Path(args.submission), listed)
+        predicted = evaluate.read_rows(local_path(args.submission, "submission"), listed)
         shown = table[table["image_id"].isin(listed)]
         if shown.empty:
             raise SteelsegError(f"{args.submission}: none of its images is in {args.data}")
@@ -202,7 +206,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(args.run, args)
 
 
-def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+class _Formatter(logging.Formatter):
+    """Our messages as plain lines; warnings and errors say so."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return f"steelseg: {record.levelname.lower()}: {message}"
+        return message
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """steelseg's messages on stderr, info and above (debug with ``verbose``)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    root = logging.getLogger("steelseg")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+
+
+def run_command(
+    run: Callable[[argparse.Namespace], int], args: argparse.Namespace, verbose: bool = False
+) -> int:
+    setup_logging(verbose)
     try:
         return run(args)
     except catalog.DataProblems as e:
