@@ -83,5 +83,5 @@ def _history_rows(run_dir: Path) -> list[dict]:
 def read_history(run_dir: str | os.PathLike) -> pd.DataFrame:
     """Every epoch's metrics of a run, in order: what each epoch reported, resumes included."""
     history = pd.DataFrame(_history_rows(Path(run_dir)))
-    undefined = [c for c in history.columns if history[c].dtype == object]  # all null
+    undefined = [c for c in history.columns if history[c].isna().all()]  # a score never defined
     return history.astype(dict.fromkeys(undefined, float))

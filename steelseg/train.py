@@ -12,6 +12,7 @@ the same storage and name continues from the latest checkpoint.
 """
 
 import contextlib
+import logging
 import math
 import os
 import resource
@@ -31,7 +32,8 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from steelseg import catalog, engine, pipeline, synth
+from steelseg import catalog, engine, pipeline, progress, synth
+from steelseg.cluster import init_ray
 from steelseg.config import TrainConfig
 from steelseg.errors import SteelsegError
 from steelseg.figures import truth_vs_prediction
@@ -42,7 +44,7 @@ from steelseg.runs import (
     trim_history,
 )
 
-LOG_EVERY_STEPS = 10
+log = logging.getLogger(__name__)
 
 
 def demo_data(config: TrainConfig) -> Path:
@@ -50,6 +52,7 @@ def demo_data(config: TrainConfig) -> Path:
     cache = Path(os.path.expanduser(os.environ.get("STEELSEG_CACHE", "~/.cache/steelseg")))
     name = (
         f"demo-{config.synth_images}-{config.synth_height}x{config.synth_width}-seed{config.seed}"
+        f"-{'-'.join(config.modalities)}"
     )
     folder = cache / name
     if (folder / "train.csv").exists():
@@ -68,10 +71,10 @@ def demo_data(config: TrainConfig) -> Path:
     return folder
 
 
-def load_split(config: TrainConfig, report=print) -> tuple[pd.DataFrame, pd.DataFrame]:
+def load_split(config: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     data = Path(config.data) if config.data else demo_data(config)
     table = catalog.load(
-        data, modalities=config.modalities, drop_bad=config.drop_bad, report=report
+        data, modalities=config.modalities, drop_bad=config.drop_bad, report=log.warning
     )
     if len(table) < 2 * config.num_workers:
         raise SteelsegError(
@@ -80,10 +83,14 @@ def load_split(config: TrainConfig, report=print) -> tuple[pd.DataFrame, pd.Data
     return catalog.split(table, val_fraction=config.val_fraction, seed=config.seed)
 
 
+def batches_per_epoch(config: TrainConfig, n_train: int) -> int:
+    """Batches per epoch on every rank (Ray splits the rows equally)."""
+    return math.ceil((n_train // config.num_workers) / config.batch_size)
+
+
 def steps_per_epoch(config: TrainConfig, n_train: int) -> int:
-    """Optimizer steps per epoch on every rank (Ray splits the rows equally)."""
-    batches = math.ceil((n_train // config.num_workers) / config.batch_size)
-    return math.ceil(batches / config.grad_accum)
+    """Optimizer steps per epoch on every rank."""
+    return math.ceil(batches_per_epoch(config, n_train) / config.grad_accum)
 
 
 def save_split(run_dir: Path, train: pd.DataFrame, val: pd.DataFrame) -> None:
@@ -92,35 +99,50 @@ def save_split(run_dir: Path, train: pd.DataFrame, val: pd.DataFrame) -> None:
     catalog.save(table, run_dir / "split.parquet")
 
 
-def init_ray(config: TrainConfig) -> None:
-    """Attach to ``RAY_ADDRESS`` (as under ``ray job submit``) or start a local Ray with CPUs for
-    the workers and the data pipeline."""
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    needed = math.ceil(config.num_workers * config.cpus_per_worker) + 1
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed))
+def cpus_needed(config: TrainConfig) -> int:
+    """CPUs for the workers and one more for the data pipeline."""
+    return math.ceil(config.num_workers * config.cpus_per_worker) + 1
 
 
-def fit(config: TrainConfig, callbacks: list | None = None) -> ray.train.Result:
+def fit(
+    config: TrainConfig,
+    callbacks: list | None = None,
+    *,
+    show_progress: bool = True,
+    verbose: bool = False,
+) -> ray.train.Result:
     """Train (or resume) the run ``<storage>/<name>`` and return Ray's result.
 
     ``callbacks``: Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` in a sweep's trial.
+    ``show_progress``: print a line per epoch (and a bar on a terminal) on this process.
+    ``verbose``: Ray's own logs and the workers' output too, when this call starts Ray.
     """
     config = config.resolved()
     train_table, val_table = load_split(config)
     save_split(config.run_dir, train_table, val_table)
-    init_ray(config)
+    init_ray(cpus_needed(config), verbose=verbose)
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = False
     data_context.print_on_execution_start = False
-    trainer = TorchTrainer(
+    printer = progress.Printer(config.epochs) if show_progress else None
+    with printer or contextlib.nullcontext():
+        return build_trainer(config, train_table, val_table, callbacks, printer).fit()
+
+
+def build_trainer(
+    config: TrainConfig,
+    train_table: pd.DataFrame,
+    val_table: pd.DataFrame,
+    callbacks: list | None,
+    printer: progress.Printer | None,
+) -> TorchTrainer:
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": config.to_dict(),
             "steps_per_epoch": steps_per_epoch(config, len(train_table)),
+            "batches_per_epoch": batches_per_epoch(config, len(train_table)),
+            "progress": printer.queue if printer else None,
         },
         scaling_config=ScalingConfig(
             num_workers=config.num_workers,
@@ -144,12 +166,11 @@ def fit(config: TrainConfig, callbacks: list | None = None) -> ray.train.Result:
             "val": pipeline.val_dataset(val_table, config),
         },
     )
-    return trainer.fit()
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
     config = TrainConfig.from_dict(loop_config["config"])
-    steps = loop_config["steps_per_epoch"]
+    steps, batches = loop_config["steps_per_epoch"], loop_config["batches_per_epoch"]
     context = ray.train.get_context()
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()
@@ -168,7 +189,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     writer = tensorboard_writer(config, global_step) if rank == 0 else None
     if rank == 0:
         trim_history(config.run_dir, start_epoch)
-    nodes = count_nodes()
+    sender = progress.Sender(loop_config.get("progress") if rank == 0 else None)
+    nodes, pids = gather_workers()
 
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
@@ -185,7 +207,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             device,
             amp=amp,
             grad_accum=config.grad_accum,
-            on_step=step_logger(writer, rank, epoch, config.epochs, global_step),
+            on_step=step_logger(writer, sender, epoch, batches, global_step),
         )
         train_seconds = time.perf_counter() - started
         global_step += math.ceil(train_n / config.batch_size)
@@ -210,8 +232,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "train_images": int(sums[1]),
             "val_images": int(sums[3]),
             "lr": scheduler.get_last_lr()[0],
+            "optimizer_steps": scheduler.last_epoch,  # since the run began, resumes included
+            "resumed_from_epoch": start_epoch,  # 0 unless this attempt restored a checkpoint
             "images_per_s": sums[1] / train_seconds,  # training pass, all workers
             "nodes": nodes,
+            "worker_pids": pids,
             **peak_memory(device),
             **counts.compute().as_dict("val_"),
         }
@@ -219,12 +244,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             log_epoch(writer, metrics, samples, global_step)
             append_history(config.run_dir, metrics)
-            progress(
-                f"epoch {epoch + 1}/{config.epochs}: train loss {metrics['train_loss']:.4f}, "
-                f"val loss {metrics['val_loss']:.4f}, val Dice {metrics[SCORE]:.4f} "
-                f"(all-empty {metrics['val_empty_baseline']:.4f}, defects "
-                f"{metrics['val_dice_nonempty']:.4f}), {metrics['images_per_s']:.1f} img/s"
-            )
+            sender.epoch(metrics)
             state = {
                 "model": bare.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -243,21 +263,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         writer.close()
 
 
-def progress(line: str) -> None:
-    """A progress line from a training worker, shown once on the driver. Ray Train's patched
-    ``print`` both logs and prints when Ray has wrapped ``sys.stdout``, which shows every line
-    twice; the process's own stdout is what Ray forwards to the driver."""
-    print(line, file=sys.__stdout__, flush=True)
-
-
-def step_logger(writer, rank: int, epoch: int, epochs: int, first_step: int):
-    """The per-batch callback: train loss per step to TensorBoard, a progress line now and then."""
+def step_logger(writer, sender: progress.Sender, epoch: int, batches: int, first_step: int):
+    """The per-batch callback: train loss per step to TensorBoard, progress to the driver."""
 
     def on_step(i: int, loss: float, n: int) -> None:
         if writer:
             writer.add_scalar("train/loss_step", loss, first_step + i)
-        if rank == 0 and (i + 1) % LOG_EVERY_STEPS == 0:
-            progress(f"epoch {epoch + 1}/{epochs} batch {i + 1} loss {loss:.4f}")
+        sender.step(epoch + 1, i + 1, batches, loss)
 
     return on_step
 
@@ -306,21 +318,23 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     return dict(zip(names, values.tolist()))
 
 
-def count_nodes() -> int:
-    """Distinct nodes among the ranks (every rank takes part)."""
-    node = ray.get_runtime_context().get_node_id()
+def gather_workers() -> tuple[int, list[int]]:
+    """Distinct nodes among the ranks and each rank's process id (every rank takes part)."""
+    me = (ray.get_runtime_context().get_node_id(), os.getpid())
     if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    nodes = [None] * dist.get_world_size()
-    dist.all_gather_object(nodes, node)
-    return len(set(nodes))
+        return 1, [me[1]]
+    workers = [None] * dist.get_world_size()
+    dist.all_gather_object(workers, me)
+    return len({node for node, _ in workers}), [pid for _, pid in workers]
 
 
 def tensorboard_writer(config: TrainConfig, global_step: int):
     from torch.utils.tensorboard import SummaryWriter
 
-    # purge_step drops events a crashed attempt wrote past the checkpoint we resume from
-    return SummaryWriter(str(config.run_dir / "tensorboard"), purge_step=global_step or None)
+    # purge_step drops events a crashed attempt wrote past the checkpoint we resume from; the
+    # checkpointed epoch's own curves were logged at its last step, so they stay
+    purge = global_step + 1 if global_step else None
+    return SummaryWriter(str(config.run_dir / "tensorboard"), purge_step=purge)
 
 
 def log_epoch(writer, metrics: dict, samples: list, step: int) -> None:
@@ -339,9 +353,10 @@ def log_epoch(writer, metrics: dict, samples: list, step: int) -> None:
 
 
 def report_result(result: ray.train.Result) -> int:
-    """Print where the run's checkpoints and logs are; 0 if it finished, 1 if it failed."""
+    """Print where the run is and what to run next; 0 if it finished, 1 if it failed."""
     if result.error:
-        print(f"steelseg: error: training failed: {result.error}", file=sys.stderr)
+        reason = " ".join(str(result.error).split())
+        print(f"steelseg: error: training failed: {reason}", file=sys.stderr)
         return 1
     run_dir = Path(result.path)
     metrics = result.metrics or {}
@@ -351,8 +366,11 @@ def report_result(result: ray.train.Result) -> int:
             f"finished epoch {metrics['epoch']}: val Dice {metrics[SCORE]:.4f} "
             f"(all-empty baseline {metrics['val_empty_baseline']:.4f})"
         )
-    print(f"run:          {run_dir}")
-    print(f"checkpoint:   {best.path if best else None} (best val Dice)")
-    print(f"latest:       {result.checkpoint.path if result.checkpoint else None}")
-    print(f"tensorboard:  tensorboard --logdir {run_dir / 'tensorboard'}")
+    print(f"run:         {run_dir}")
+    print(f"best:        {best.path if best else None} (best val Dice)")
+    print("next:")
+    print(f"  steelseg calibrate {run_dir}")
+    print(f"  python ray_jobs/predict.py --checkpoint {run_dir} --images IMAGES --out sub.csv")
+    print(f"  steelseg figures figures/ --run {run_dir}")
+    print(f"  tensorboard --logdir {run_dir / 'tensorboard'}")
     return 0

@@ -21,10 +21,11 @@ import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
+from steelseg.cluster import init_ray
 from steelseg.config import TrainConfig
 from steelseg.errors import SteelsegError
 from steelseg.runs import SCORE, best_checkpoint, read_history
-from steelseg.train import fit, init_ray
+from steelseg.train import cpus_needed, fit
 
 DEFAULT_SPACE = {
     "lr": {"loguniform": [1e-4, 3e-3]},
@@ -103,7 +104,7 @@ def run_trial(params: dict[str, Any], base: dict, sweep_dir: str) -> None:
     config = TrainConfig.from_dict(base).replace(
         **params, storage=str(Path(sweep_dir) / "trials"), name=trial
     )
-    result = fit(config, callbacks=[TuneReportCallback()])
+    result = fit(config, callbacks=[TuneReportCallback()], show_progress=False)
     if result.error:
         raise result.error  # Tune marks the trial ERRORED; a restore reruns it
 
@@ -140,7 +141,7 @@ def sweep(
     base = base.resolved()
     sweep_dir = base.run_dir
     searched = search_space(space)
-    init_ray(base.replace(num_workers=base.num_workers * max_concurrent))
+    init_ray(cpus_needed(base.replace(num_workers=base.num_workers * max_concurrent)))
     check_resources(base, max_concurrent)
     # The trial function only drives its TorchTrainer, whose workers reserve their own CPUs.
     # It takes no CPU: a fraction would leave each node with less than the one whole CPU a

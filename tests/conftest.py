@@ -1,4 +1,10 @@
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +14,10 @@ from PIL import Image
 from steelseg import rle, synth
 
 DATA = Path(__file__).parent / "data"
+# Ray 2.60 clusters started with ``ray start`` use token authentication: a driver attaching to
+# one by address needs token mode set before Ray reads its config (the token is in
+# ~/.ray/auth_token, written by the first ``ray start``).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 @pytest.fixture(scope="session")
@@ -41,16 +51,23 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope="session")
-def cluster():
+def cluster(tmp_path_factory):
+    """Two Ray nodes of 2 CPUs each, started with ``ray start`` as a user would, token
+    authentication on; this test process is attached to them as a driver."""
     ray = pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
+    from raynodes import LocalCluster
 
-    two_nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    two_nodes.add_node(num_cpus=2)
-    ray.init(address=two_nodes.address, log_to_driver=False)
-    yield two_nodes
-    ray.shutdown()
-    two_nodes.shutdown()
+    nodes = LocalCluster(tmp_path_factory.mktemp("ray"))
+    try:
+        nodes.start_head()
+        nodes.wait_for_head()
+        nodes.add_node()
+        ray.init(address=nodes.address, log_to_driver=False, logging_level="ERROR")
+        nodes.wait_for_nodes(2)
+        yield nodes
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +92,107 @@ def easy_dir(tmp_path_factory) -> Path:
         Image.fromarray(rgb).save(out / "train_images" / name, quality=95)
     (out / "train.csv").write_text("\n".join(rows) + "\n")
     return out
+
+
+ODD_H, ODD_W = 48, 176  # sides not divisible by 32: validation and prediction must pad
+
+
+@pytest.fixture(scope="session")
+def four_class_dir(tmp_path_factory) -> Path:
+    """An easy set of all four classes at 48x176: dark class-1 squares, bright class-2 vertical
+    lines, bright class-3 bars and dark class-4 blocks on grey noise, one defect an image, a
+    quarter of the images clean."""
+    out = tmp_path_factory.mktemp("four")
+    (out / "train_images").mkdir()
+    rng = np.random.default_rng(1)
+    looks = {1: (12, 12, 30), 2: (40, 4, 230), 3: (16, 48, 200), 4: (24, 40, 20)}
+    rows = ["ImageId,ClassId,EncodedPixels"]
+    for i in range(96):
+        image = rng.normal(110, 8, (ODD_H, ODD_W)).clip(0, 255)
+        name = f"{i:09x}.jpg"
+        if i % 4:
+            class_id = 1 + i % 4 if i % 8 < 4 else 1 + (i + 1) % 4
+            height, width, value = looks[class_id]
+            mask = np.zeros((ODD_H, ODD_W), np.uint8)
+            y0, x0 = rng.integers(0, ODD_H - height), rng.integers(0, ODD_W - width)
+            mask[y0 : y0 + height, x0 : x0 + width] = 1
+            image[mask == 1] = value
+            rows.append(f"{name},{class_id},{rle.encode(mask)}")
+        rgb = np.repeat(image.astype(np.uint8)[..., None], 3, axis=2)
+        Image.fromarray(rgb).save(out / "train_images" / name, quality=95)
+    (out / "train.csv").write_text("\n".join(rows) + "\n")
+    return out
+
+
+def small_run(data: Path, storage: Path, **changes):
+    """A small, fast run: 2 workers spread over the 2 nodes, crops of 32x160."""
+    from steelseg.config import TrainConfig
+
+    values = dict(
+        data=str(data), storage=str(storage), name="run", epochs=2, batch_size=4,
+        num_workers=2, placement_strategy="SPREAD", lr=3e-3, warmup_steps=4, log_images=2,
+        val_fraction=0.25, crop_height=32, crop_width=160, seed=1, max_failures=2,
+    )  # fmt: skip
+    return TrainConfig(**{**values, **changes})
+
+
+def train_job_argv(config) -> list[str]:
+    """The README's main command with a config's values as flags."""
+    flags = []
+    for key in ("data", "storage", "name", "epochs", "batch_size", "num_workers",
+                "placement_strategy", "lr", "warmup_steps", "log_images", "val_fraction",
+                "crop_height", "crop_width", "seed", "max_failures"):  # fmt: skip
+        flags += ["--" + key.replace("_", "-"), str(getattr(config, key))]
+    return [sys.executable, "ray_jobs/train.py", *flags]
+
+
+def kill_rank_1_after_checkpoint(run_dir: Path, epoch: int, killed: list) -> None:
+    """Kill the run's rank-1 worker, by the pid the run recorded, once Ray has registered the
+    checkpoint of ``epoch`` (before that, a restart would not find it)."""
+    from steelseg.runs import read_history
+
+    registered = run_dir / "checkpoint_manager_snapshot.json"  # Ray Train's list of them
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            saved = registered.is_file() and f"epoch_{epoch:04d}" in registered.read_text()
+            history = read_history(run_dir) if saved else []
+        except ValueError:  # a file being written
+            history = []
+        if len(history) and history["epoch"].iloc[-1] == epoch:
+            pid = int(history["worker_pids"].iloc[-1][1])
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            return
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def trained_run(cluster, four_class_dir, tmp_path_factory):
+    """The run the training, prediction and figure tests share, on the four-class set:
+    1. the train job as a user runs it with a `ray start` cluster on the machine (it must
+       attach to it), 1 epoch;
+    2. rerun in this process with the same name to 3 epochs (a resume), its rank-1 worker
+       killed once epoch 2 is saved (a restore).
+    Returns the run folder, its history after the job, the job's finished process (stdout,
+    stderr) and the pid killed."""
+    from steelseg.runs import read_history
+    from steelseg.train import fit
+
+    storage = tmp_path_factory.mktemp("runs")
+    env = {**cluster.env, "RAY_TMPDIR": str(cluster.tmp)}  # where ray start recorded it
+    job = subprocess.run(
+        train_job_argv(small_run(four_class_dir, storage, epochs=1)),
+        cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert job.returncode == 0, job.stderr[-3000:]
+    before = read_history(storage / "run")
+    killed: list[int] = []
+    killer = threading.Thread(
+        target=kill_rank_1_after_checkpoint, args=(storage / "run", 2, killed)
+    )
+    killer.start()
+    resumed = fit(small_run(four_class_dir, storage, epochs=3), show_progress=False)
+    killer.join()
+    assert resumed.error is None, resumed.error
+    return Path(resumed.path), before, job, killed

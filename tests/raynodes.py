@@ -1,0 +1,140 @@
+"""Ray nodes started as a user starts them, ``ray start --block``, each a child process of the
+test session with its own ports, in a temp folder of the test's (``RAY_TMPDIR``).
+
+They are ended by their process tree: the pids of the ``ray start`` process and all its
+descendants are collected first, then ended. Ray's workers run in process groups of their own,
+and on SIGTERM ``ray start --block`` leaves gcs_server and workers behind; ``ray stop`` would end
+every Ray process on the machine, other sessions' too.
+"""
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(root: int) -> list[int]:
+    """``root`` and every process below it, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry))
+    tree = [root]
+    for pid in tree:
+        tree += children.get(pid, [])
+    return tree
+
+
+def end_trees(roots: list[int], grace_s: float = 5.0) -> None:
+    """SIGTERM the whole trees (collected first), then SIGKILL whatever is left."""
+    pids = [pid for root in roots for pid in descendants(root)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+            time.sleep(0.1)
+
+
+class Node:
+    """One ``ray start --block`` process."""
+
+    def __init__(self, args: list[str], env: dict, log: Path):
+        ports = {
+            "--node-manager-port": free_port(),
+            "--object-manager-port": free_port(),
+            "--dashboard-agent-listen-port": free_port(),
+            "--dashboard-agent-grpc-port": free_port(),
+            "--runtime-env-agent-port": free_port(),
+            "--metrics-export-port": free_port(),
+        }
+        argv = [RAY, "start", "--block", "--disable-usage-stats", *args]
+        argv += [f"{flag}={port}" for flag, port in ports.items()]
+        self.log = log
+        with open(log, "w") as out:
+            self.process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def end(self) -> None:
+        end_trees([self.process.pid])
+
+
+class LocalCluster:
+    """A head and further nodes on this machine, as ``ray start`` makes them; token
+    authentication on, as Ray 2.60 sets it up (the token in ``~/.ray/auth_token``)."""
+
+    def __init__(self, folder: Path, cpus_per_node: int = 2):
+        self.folder = folder
+        self.cpus = cpus_per_node
+        # short: Ray's unix sockets live below it, and their paths may not pass 107 bytes
+        self.tmp = Path(tempfile.mkdtemp(prefix="steelseg-ray-", dir="/tmp"))
+        self.env = {**os.environ, "RAY_TMPDIR": str(self.tmp), "RAY_AUTH_MODE": "token"}
+        self.env.pop("RAY_ADDRESS", None)
+        self.port = free_port()
+        self.address = ""  # host:port as the head records it, once it is up
+        self.nodes: list[Node] = []
+
+    def start_head(self) -> None:
+        self.dashboard_port = free_port()
+        args = ["--head", f"--port={self.port}", f"--num-cpus={self.cpus}",
+                f"--ray-client-server-port={free_port()}", "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}"]  # fmt: skip
+        self.nodes.append(Node(args, self.env, self.folder / "head.log"))
+
+    def add_node(self) -> Node:
+        args = [f"--address={self.address}", f"--num-cpus={self.cpus}"]
+        node = Node(args, self.env, self.folder / f"node{len(self.nodes)}.log")
+        self.nodes.append(node)
+        return node
+
+    def wait_for_head(self, timeout_s: float = 60.0) -> None:
+        """Until the head has recorded its address (the node IP Ray chose) and its GCS takes
+        connections. Drivers and nodes must use that address: a driver that reaches the GCS
+        by another IP finds no raylet of its own IP and waits forever."""
+        record = self.tmp / "ray" / "ray_current_cluster"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                self.address = record.read_text().strip()
+                host, _, port = self.address.rpartition(":")
+                socket.create_connection((host, int(port)), timeout=1).close()
+                return
+            except (OSError, ValueError):
+                time.sleep(0.2)
+        raise RuntimeError(f"the Ray head did not start: {self.nodes[0].log.read_text()[-800:]}")
+
+    def wait_for_nodes(self, count: int, timeout_s: float = 90.0) -> None:
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            alive = [n for n in ray.nodes() if n["Alive"]]
+            if len(alive) >= count:
+                return
+            time.sleep(0.5)
+        logs = "; ".join(n.log.read_text()[-500:] for n in self.nodes)
+        raise RuntimeError(f"{count} Ray nodes did not come up: {logs}")
+
+    def shutdown(self) -> None:
+        end_trees([node.process.pid for node in self.nodes])
+        shutil.rmtree(self.tmp, ignore_errors=True)
