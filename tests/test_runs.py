@@ -1,0 +1,44 @@
+"""A run's files without Ray: the history and the choice of the best checkpoint."""
+
+import math
+
+import pytest
+
+from steelseg.errors import SteelsegError
+from steelseg.runs import (
+    CHECKPOINT_FILE,
+    append_history,
+    best_checkpoint,
+    read_history,
+    trim_history,
+)
+
+
+def write_run(run_dir, scores: dict[int, float], kept: list[int]):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for epoch, score in scores.items():
+        append_history(run_dir, {"epoch": epoch, "val_kaggle_dice": score, "worker_pids": [1, 2]})
+    for epoch in kept:
+        folder = run_dir / f"epoch_{epoch:04d}"
+        folder.mkdir()
+        (folder / CHECKPOINT_FILE).write_bytes(b"")
+    return run_dir
+
+
+def test_best_checkpoint_is_the_best_kept_epoch_and_the_later_one_on_a_tie(tmp_path):
+    run = write_run(tmp_path / "a", {1: 0.80, 2: 0.90, 3: 0.90, 4: 0.95}, kept=[2, 3])
+    assert best_checkpoint(run).name == "epoch_0003"  # epoch 4 scored best but was not kept
+    run = write_run(tmp_path / "b", {1: 0.9, 2: math.nan}, kept=[1, 2])
+    assert best_checkpoint(run).name == "epoch_0001"  # an undefined score ranks last
+    with pytest.raises(SteelsegError, match="no checkpoint"):
+        best_checkpoint(write_run(tmp_path / "c", {1: 0.5}, kept=[]))
+
+
+def test_trim_history_drops_the_epochs_after_the_restored_checkpoint(tmp_path):
+    run = write_run(tmp_path / "a", {1: 0.8, 2: 0.85, 3: 0.9}, kept=[])
+    trim_history(run, 2)
+    history = read_history(run)
+    assert history["epoch"].tolist() == [1, 2]
+    assert history["worker_pids"].tolist() == [[1, 2], [1, 2]]  # list columns read back as lists
+    trim_history(run, 0)
+    assert read_history(run).empty
