@@ -5,10 +5,9 @@ trained from random weights with the bare training step (no Ray, so it runs on t
 
 It writes a synthetic data set (train + val) and a held-out one (another seed) in the Severstal
 layout, trains, saves a checkpoint and the split as a training run does, runs
-``steelseg.predict.calibrate`` on the validation split, then predicts the held-out images (the
-prediction actor's code, called directly; no Ray is imported) with threshold 0.5 and with the
-calibrated rules, and scores both with ``steelseg.evaluate``.
-"""
+``steelseg.inference.predict.calibrate`` on the validation split, then predicts the held-out images
+(the prediction actor's code, called directly; no Ray is imported) with threshold 0.5 and with the
+calibrated rules, and scores both with ``steelseg.evaluation.score``."""
 
 import argparse
 import json
@@ -19,9 +18,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from steelseg import catalog, engine, evaluate, images, postprocess, predict, rle, synth
 from steelseg.config import TrainConfig
+from steelseg.data import catalog, images, rle, synth
+from steelseg.evaluation import score as evaluate
+from steelseg.inference import postprocess, predict
 from steelseg.runs import CHECKPOINT_FILE
+from steelseg.training import engine
 
 
 def load_arrays(table) -> tuple[np.ndarray, np.ndarray]:

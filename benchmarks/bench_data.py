@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from steelseg import rle, synth
+from steelseg.data import rle, synth
 
 H, W = 256, 1600
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
@@ -89,7 +89,7 @@ def bench_rle() -> None:
     enc_loop = per_second(loop_encode, c_masks)
     rows = [
         ("floor: allocate + write one mask", floor),
-        ("decode (steelseg.rle)", ours),
+        ("decode (steelseg.data.rle)", ours),
         ("  of which: text to integers (fromstring)", parse),
         ("  of which: fill from parsed runs", fill),
         ("decode, per-run Python loop", loop),

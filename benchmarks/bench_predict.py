@@ -7,7 +7,7 @@
 TTA, post-process and RLE-encode the 4 masks of each image) on in-memory images, so it needs
 neither Ray nor a trained checkpoint: a U-Net initialised as for training, whose head prior
 predicts almost nothing, so the RLE strings are short, as on mostly clean steel.
-``ray`` times ``steelseg.predict.predict`` end to end (JPEG decode included) on a folder.
+``ray`` times ``steelseg.inference.predict.predict`` end to end (JPEG decode included) on a folder.
 """
 
 import argparse
@@ -18,10 +18,11 @@ import time
 import numpy as np
 import torch
 
-from steelseg import engine, rle
 from steelseg.config import TrainConfig
-from steelseg.postprocess import Rules
-from steelseg.predict import probability_tensor
+from steelseg.data import rle
+from steelseg.inference.postprocess import Rules
+from steelseg.inference.predict import probability_tensor
+from steelseg.training import engine
 
 
 def bare(device: torch.device, batch: int, batches: int, tta: bool, height: int, width: int):
@@ -63,7 +64,7 @@ def bare(device: torch.device, batch: int, batches: int, tta: bool, height: int,
 
 
 def with_ray(checkpoint: str, images: str, batch: int, actors: int, tta: bool):
-    from steelseg.predict import predict
+    from steelseg.inference.predict import predict
 
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()

@@ -18,9 +18,10 @@ from multiprocessing import Pool
 import numpy as np
 import torch
 
-from steelseg import engine, synth
 from steelseg.config import TrainConfig
-from steelseg.model import UNet
+from steelseg.data import synth
+from steelseg.model.unet import UNet
+from steelseg.training import engine
 
 RECIPES = {
     # the common public recipe: Adam 5e-4, BCE + Dice, PyTorch's default init, constant LR

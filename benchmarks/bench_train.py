@@ -1,14 +1,13 @@
-"""Training throughput: the bare training step against a Ray Train run on the same machine and
-data, and peak memory per worker.
+"""Training throughput: the bare training step against a Ray Train run on the same machine and data,
+and peak memory per worker.
 
     python benchmarks/bench_train.py bare --height 256 --width 512 --batch 16   # CPU or GPU
     python benchmarks/bench_train.py ray --height 32 --width 160 --workers 2    # needs Ray
 
-``bare`` times ``steelseg.engine.train_one_epoch`` on in-memory uint8 batches (no data loading),
-with bf16 autocast + channels_last on GPU and fp32, and prints images/s and peak memory.
-``ray`` runs ``steelseg.train.fit`` on a synthetic set and compares its images/s per worker (the
-last epochs, after warm-up) with the bare step run with the same threads per worker.
-"""
+``bare`` times ``steelseg.training.engine.train_one_epoch`` on in-memory uint8 batches (no data
+loading), with bf16 autocast + channels_last on GPU and fp32, and prints images/s and peak memory.
+``ray`` runs ``steelseg.training.fit.fit`` on a synthetic set and compares its images/s per worker
+(the last epochs, after warm-up) with the bare step run with the same threads per worker."""
 
 import argparse
 import json
@@ -20,8 +19,8 @@ import time
 import numpy as np
 import torch
 
-from steelseg import engine
 from steelseg.config import TrainConfig
+from steelseg.training import engine
 
 
 def synthetic_batches(n, batch, height, width, seed=0):
@@ -88,8 +87,8 @@ def cmd_bare(args):
 def cmd_ray(args):
     import ray
 
-    from steelseg import synth
-    from steelseg.train import fit
+    from steelseg.data import synth
+    from steelseg.training.fit import fit
 
     with tempfile.TemporaryDirectory() as tmp:
         data = synth.write_dataset(

@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from steelseg.cli import run_command
-from steelseg.predict import predict
+from steelseg.inference.predict import predict
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import sys
 
 from steelseg import config as run_config
 from steelseg.cli import run_command
-from steelseg.train import fit, report_result
+from steelseg.training.fit import fit, report_result
 
 
 def main(argv=None) -> int:

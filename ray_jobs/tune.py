@@ -12,8 +12,8 @@ import argparse
 import sys
 
 from steelseg import config as run_config
-from steelseg import tune
 from steelseg.cli import run_command
+from steelseg.training import sweep as tune
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from steelseg import catalog, rle, synth
+from steelseg.data import catalog, rle, synth
 from steelseg.errors import SteelsegError
 from steelseg.paths import local_path
 
@@ -44,7 +44,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from steelseg import postprocess, predict
+    from steelseg.inference import postprocess, predict
 
     _, report = predict.calibrate(
         args.checkpoint, batch_size=args.batch_size, tta=args.tta, use_gpu=args.use_gpu
@@ -68,7 +68,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from steelseg import evaluate
+    from steelseg.evaluation import score as evaluate
 
     scores = evaluate.evaluate(args.truth, args.images, args.submission)
     if args.json:
@@ -81,7 +81,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_figures(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from steelseg import evaluate, figures, images
+    from steelseg.data import images
+    from steelseg.evaluation import figures
+    from steelseg.evaluation import score as evaluate
 
     out = local_path(args.out, "figures folder")
     out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from steelseg.errors import SteelsegError
-from steelseg.model import ENCODER_STRIDE
+from steelseg.model.unet import ENCODER_STRIDE
 from steelseg.paths import local_path
 
 HELP = {

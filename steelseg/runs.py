@@ -9,9 +9,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from steelseg import engine
 from steelseg.config import TrainConfig
 from steelseg.errors import SteelsegError
+from steelseg.training import engine
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.jsonl"

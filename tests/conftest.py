@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from steelseg import rle, synth
+from steelseg.data import rle, synth
 
 DATA = Path(__file__).parent / "data"
 # Ray 2.60 clusters started with ``ray start`` use token authentication: a driver attaching to
@@ -177,7 +177,7 @@ def trained_run(cluster, four_class_dir, tmp_path_factory):
     Returns the run folder, its history after the job, the job's finished process (stdout,
     stderr) and the pid killed."""
     from steelseg.runs import read_history
-    from steelseg.train import fit
+    from steelseg.training.fit import fit
 
     storage = tmp_path_factory.mktemp("runs")
     env = {**cluster.env, "RAY_TMPDIR": str(cluster.tmp)}  # where ray start recorded it

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from steelseg import catalog
+from steelseg.data import catalog
 from steelseg.errors import SteelsegError
 
 

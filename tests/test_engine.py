@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from steelseg import engine
 from steelseg.config import TrainConfig
-from steelseg.pipeline import pack_bits
+from steelseg.data.pipeline import pack_bits
+from steelseg.training import engine
 
 
 class Constant(nn.Module):

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from steelseg import catalog
 from steelseg.cli import main as steelseg
+from steelseg.data import catalog
 from steelseg.errors import SteelsegError
 
 
@@ -18,7 +18,7 @@ def write_submission(path: Path, masks: dict[str, dict[int, str]], names: list[s
 
 
 def test_evaluate_perfect_empty_and_broken_submissions(real_dir, tmp_path, capsys):
-    from steelseg.evaluate import evaluate, read_rows
+    from steelseg.evaluation.score import evaluate, read_rows
 
     images = real_dir / "train_images"
     names = catalog.list_images(images)

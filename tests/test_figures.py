@@ -4,8 +4,8 @@ the PNG figures."""
 import numpy as np
 from PIL import Image
 
-from steelseg import figures
-from steelseg.figures import CLASS_COLORS
+from steelseg.evaluation import figures
+from steelseg.evaluation.figures import CLASS_COLORS
 
 
 def grey_image(height=32, width=64, value=100):

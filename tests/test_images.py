@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from steelseg import catalog, synth
+from steelseg.data import catalog, synth
+from steelseg.data.images import in_channels, read_stack
 from steelseg.errors import SteelsegError
-from steelseg.images import in_channels, read_stack
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from steelseg.losses import DiceBCELoss, bce_loss, soft_dice_loss
+from steelseg.model.losses import DiceBCELoss, bce_loss, soft_dice_loss
 
 
 def target():

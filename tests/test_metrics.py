@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from steelseg.metrics import DiceCounts, pair_dice, pair_sums
+from steelseg.evaluation.metrics import DiceCounts, pair_dice, pair_sums
 
 
 def masks(*pixel_sets, shape=(4, 4)):

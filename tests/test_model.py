@@ -2,9 +2,9 @@ import pytest
 import torch
 import torchvision
 
-from steelseg import pretrained
 from steelseg.errors import SteelsegError
-from steelseg.model import UNet, count_parameters
+from steelseg.model import pretrained
+from steelseg.model.unet import UNet, count_parameters
 
 
 @pytest.fixture(scope="module")

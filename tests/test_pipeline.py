@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from steelseg import pipeline
 from steelseg.config import TrainConfig
+from steelseg.data import pipeline
 from steelseg.errors import SteelsegError
 
 
@@ -42,7 +42,7 @@ def test_augmentation_repeats_for_the_same_batch_and_seed_and_changes_otherwise(
 
 
 def test_demo_data_is_cached_per_modality_set(tmp_path, monkeypatch):
-    from steelseg.train import demo_data
+    from steelseg.training.fit import demo_data
 
     monkeypatch.setenv("STEELSEG_CACHE", str(tmp_path))
     plain = demo_data(TrainConfig(synth_images=6))

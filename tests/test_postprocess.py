@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from steelseg import postprocess
 from steelseg.errors import SteelsegError
-from steelseg.postprocess import ClassRule, Rules, apply_rule, remove_small_components
+from steelseg.inference import postprocess
+from steelseg.inference.postprocess import ClassRule, Rules, apply_rule, remove_small_components
 
 
 def blob_probs(h=32, w=160) -> np.ndarray:

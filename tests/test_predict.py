@@ -13,9 +13,10 @@ import torch
 from conftest import ODD_H, ODD_W
 from PIL import Image
 
-from steelseg import catalog, postprocess, rle
 from steelseg.cli import main as steelseg
+from steelseg.data import catalog, rle
 from steelseg.errors import SteelsegError
+from steelseg.inference import postprocess
 
 VAL_IMAGES = 24
 
@@ -73,8 +74,8 @@ def test_predict_and_evaluate_agree_with_the_runs_validation_score(
 def test_calibrate_stores_rules_and_predict_applies_them(
     run_dir, val_images, four_class_dir, tmp_path, capsys
 ):
-    from steelseg.evaluate import evaluate
-    from steelseg.predict import predict, resolve_checkpoint
+    from steelseg.evaluation.score import evaluate
+    from steelseg.inference.predict import predict, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(run_dir)
     assert steelseg(["calibrate", str(run_dir), "--batch-size", "4"]) == 0
@@ -121,7 +122,7 @@ def bar_image(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_real_size_images_are_predicted_at_full_size(run_dir, real_dir, tmp_path, capsys):
-    from steelseg.predict import predict
+    from steelseg.inference.predict import predict
 
     folder = tmp_path / "images"
     shutil.copytree(real_dir / "train_images", folder)
@@ -146,7 +147,7 @@ def test_real_size_images_are_predicted_at_full_size(run_dir, real_dir, tmp_path
 def test_strict_prediction_with_tta_writes_nothing_for_an_unreadable_image(
     run_dir, val_images, tmp_path
 ):
-    from steelseg.predict import predict
+    from steelseg.inference.predict import predict
 
     folder = Path(shutil.copytree(val_images, tmp_path / "images"))
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
@@ -157,8 +158,8 @@ def test_strict_prediction_with_tta_writes_nothing_for_an_unreadable_image(
 
 @pytest.mark.parametrize(("height", "width"), [(64, 96), (50, 70)])
 def test_tta_is_the_mean_of_the_flipped_predictions_flipped_back(height, width):
-    from steelseg.model import UNet
-    from steelseg.predict import probabilities
+    from steelseg.inference.predict import probabilities
+    from steelseg.model.unet import UNet
 
     torch.manual_seed(0)
     model = UNet().eval()
@@ -174,7 +175,7 @@ def test_tta_is_the_mean_of_the_flipped_predictions_flipped_back(height, width):
 
 
 def test_checkpoint_paths_a_run_a_sweep_and_errors(run_dir, tmp_path):
-    from steelseg.predict import resolve_checkpoint
+    from steelseg.inference.predict import resolve_checkpoint
     from steelseg.runs import best_checkpoint
 
     best = best_checkpoint(run_dir)
@@ -189,7 +190,7 @@ def test_checkpoint_paths_a_run_a_sweep_and_errors(run_dir, tmp_path):
 
 
 def test_figures_are_written_and_show_the_masks(run_dir, val_images, four_class_dir, tmp_path):
-    from steelseg.predict import predict
+    from steelseg.inference.predict import predict
 
     predict(run_dir, val_images, tmp_path / "sub.csv", progress=False)
     out = tmp_path / "figures"

@@ -3,7 +3,7 @@
 import io
 import math
 
-from steelseg import progress
+from steelseg.training import progress
 
 
 def metrics(epoch, **changes):

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
-from steelseg import rle
+from steelseg.data import rle
 from steelseg.errors import RLEError
 
 H, W = 256, 1600

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from steelseg import catalog, rle, synth
+from steelseg.data import catalog, rle, synth
 from steelseg.errors import SteelsegError
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from steelseg.config import TrainConfig, read_config_file
 from steelseg.errors import SteelsegError
-from steelseg.tune import search_space
+from steelseg.training.sweep import search_space
 
 # In this order, one at a time: a learning rate that learns, then one that cannot, which ASHA
 # must stop early; the sweep is interrupted after those two (ASHA's rungs are not part of Tune's

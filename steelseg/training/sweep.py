@@ -1,13 +1,13 @@
 """Ray Tune sweeps over the training config, the Ray Train V2 way: each trial is a function that
-builds and fits a ``TorchTrainer`` (``steelseg.train.fit``) with a stable run name, and Train's
-per-epoch reports reach Tune through ``TuneReportCallback``, so ASHA stops poor trials early.
+builds and fits a ``TorchTrainer`` (``steelseg.training.fit.fit``) with a stable run name, and
+Train's per-epoch reports reach Tune through ``TuneReportCallback``, so ASHA stops poor trials
+early.
 
 A sweep lives in ``<storage>/<name>/``: Tune's state (rerunning with the same name restores an
 interrupted sweep), ``trials/<trial>/`` (each trial's Train run: checkpoints, history and
 TensorBoard, so ``tensorboard --logdir <storage>/<name>/trials`` compares them all, HParams
 included), ``results.csv`` (trials sorted by val Dice), ``best_config.yaml`` (for
-``ray_jobs/train.py --config``) and ``best_checkpoint.txt``.
-"""
+``ray_jobs/train.py --config``) and ``best_checkpoint.txt``."""
 
 import math
 import os
@@ -25,7 +25,7 @@ from steelseg.cluster import init_ray
 from steelseg.config import TrainConfig
 from steelseg.errors import SteelsegError
 from steelseg.runs import SCORE, best_checkpoint, read_history
-from steelseg.train import cpus_needed, fit
+from steelseg.training.fit import cpus_needed, fit
 
 DEFAULT_SPACE = {
     "lr": {"loguniform": [1e-4, 3e-3]},

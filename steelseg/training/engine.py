@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from steelseg.config import TrainConfig
-from steelseg.images import in_channels
-from steelseg.losses import DiceBCELoss
-from steelseg.metrics import DiceCounts
-from steelseg.model import ENCODER_STRIDE, UNet, init_weights
-from steelseg.pretrained import load_encoder
+from steelseg.data.images import in_channels
+from steelseg.evaluation.metrics import DiceCounts
+from steelseg.model.losses import DiceBCELoss
+from steelseg.model.pretrained import load_encoder
+from steelseg.model.unet import ENCODER_STRIDE, UNet, init_weights
 
 N_CLASSES = 4
 RGB_MEAN = (0.485, 0.456, 0.406)

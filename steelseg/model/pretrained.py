@@ -1,4 +1,5 @@
-"""Pretrained encoder weights for ``steelseg.model.UNet``, kept apart from the model (no I/O there).
+"""Pretrained encoder weights for ``steelseg.model.unet.UNet``, kept apart from the model (no
+I/O there).
 
 Two sources: a local torchvision-format resnet18 state_dict file (what a cluster without
 internet uses: ``resnet18-f37072fd.pth`` from torchvision's cache, say), or torchvision's
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 
 from steelseg.errors import SteelsegError
-from steelseg.model import UNet
+from steelseg.model.unet import UNet
 
 UNUSED_KEYS = ("fc.weight", "fc.bias")
 

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from steelseg import rle
+from steelseg.data import rle
 from steelseg.errors import RLEError, SteelsegError
 from steelseg.paths import local_path
 

@@ -28,8 +28,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from steelseg import rle
-from steelseg.catalog import modality_dir
+from steelseg.data import rle
+from steelseg.data.catalog import modality_dir
 from steelseg.errors import SteelsegError
 
 DEFECT_FREE = 0.47

@@ -12,10 +12,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from steelseg import catalog, engine, images, postprocess, rle
+from steelseg.data import catalog, images, rle
 from steelseg.errors import SteelsegError
+from steelseg.inference import postprocess
 from steelseg.paths import local_path
 from steelseg.runs import CHECKPOINT_FILE, best_checkpoint, load_checkpoint, load_config
+from steelseg.training import engine
 
 SUBMISSION_COLUMNS = ["ImageId", "EncodedPixels", "ClassId"]
 

@@ -6,7 +6,7 @@ each skip with 3x3 conv + ReLU; a full-resolution branch on the input joins afte
 upsample; a 1x1 head gives one logit per class and pixel.
 
 With ``in_channels`` > 3 the stacked imaging modalities enter both the encoder's first conv and
-the full-resolution branch (early fusion). This module does no I/O: ``steelseg.pretrained``
+the full-resolution branch (early fusion). This module does no I/O: ``steelseg.model.pretrained``
 loads encoder weights into it.
 """
 

@@ -32,17 +32,18 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from steelseg import catalog, engine, pipeline, progress, synth
 from steelseg.cluster import init_ray
 from steelseg.config import TrainConfig
+from steelseg.data import catalog, pipeline, synth
 from steelseg.errors import SteelsegError
-from steelseg.figures import truth_vs_prediction
+from steelseg.evaluation.figures import truth_vs_prediction
 from steelseg.runs import (
     CHECKPOINT_FILE,
     SCORE,
     append_history,
     trim_history,
 )
+from steelseg.training import engine, progress
 
 log = logging.getLogger(__name__)
 

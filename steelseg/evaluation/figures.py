@@ -72,7 +72,7 @@ def _panels(path: Path, title: str, panels: list[tuple[str, np.ndarray]]) -> Pat
 
 def samples_figure(table, path: Path, per_kind: int = 3, seed: int = 0) -> Path:
     """Figure 1: images without and with defects, the defects coloured by class."""
-    from steelseg import images, rle
+    from steelseg.data import images, rle
 
     rng = np.random.default_rng(seed)
     has = table[[f"has_{c}" for c in range(1, 5)]].any(axis=1).to_numpy()

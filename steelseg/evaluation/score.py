@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from steelseg import catalog, rle
+from steelseg.data import catalog, rle
 from steelseg.errors import RLEError, SteelsegError
-from steelseg.metrics import DiceCounts, Scores
+from steelseg.evaluation.metrics import DiceCounts, Scores
 from steelseg.paths import local_path
 
 

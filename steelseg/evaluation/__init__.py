@@ -1,0 +1,1 @@
+"""Dice counts and scores, scoring a submission, and figures."""

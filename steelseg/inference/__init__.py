@@ -1,0 +1,1 @@
+"""Prediction with Ray Data, post-processing rules and their calibration."""
