@@ -5,9 +5,9 @@ trained from random weights with the bare training step (no Ray, so it runs on t
 
 It writes a synthetic data set (train + val) and a held-out one (another seed) in the Severstal
 layout, trains, saves a checkpoint and the split as a training run does, runs
-``steelseg.inference.predict.calibrate`` on the validation split, then predicts the held-out images
-(the prediction actor's code, called directly; no Ray is imported) with threshold 0.5 and with the
-calibrated rules, and scores both with ``steelseg.evaluation.score``."""
+``steelseg.inference.calibrate.calibrate`` on the validation split, then predicts the held-out
+images (the prediction actor's code, called directly; no Ray is imported) with threshold 0.5
+and with the calibrated rules, and scores both with ``steelseg.evaluation.score``."""
 
 import argparse
 import json
@@ -18,12 +18,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from steelseg import runs
 from steelseg.config import TrainConfig
 from steelseg.data import catalog, images, rle, synth
-from steelseg.evaluation import score as evaluate
-from steelseg.inference import postprocess, predict
-from steelseg.runs import CHECKPOINT_FILE
-from steelseg.training import engine
+from steelseg.domain import CLASS_IDS
+from steelseg.evaluation.score import score_submission
+from steelseg.inference import predict
+from steelseg.inference.calibrate import calibrate
+from steelseg.training import epoch, recipe
 
 
 def load_arrays(table) -> tuple[np.ndarray, np.ndarray]:
@@ -31,7 +33,7 @@ def load_arrays(table) -> tuple[np.ndarray, np.ndarray]:
     images_, bits = [], []
     for _, row in table.iterrows():
         image = images.read_image(row["path"])
-        masks = rle.decode_classes([row[f"rle_{c}"] for c in catalog.CLASS_IDS], *image.shape[:2])
+        masks = rle.decode_classes([row[f"rle_{c}"] for c in CLASS_IDS], *image.shape[:2])
         images_.append(image)
         bits.append(sum((masks[c] << c).astype(np.uint8) for c in range(4)))
     return np.stack(images_), np.stack(bits)
@@ -57,7 +59,7 @@ def score(checkpoint: Path, test: Path, rules, device, batch: int) -> dict:
     results = pd.concat([pd.DataFrame(o) for o in out])
     submission = checkpoint / f"submission_{'calibrated' if rules else 'plain'}.csv"
     predict.to_submission(results).to_csv(submission, index=False)
-    scores = evaluate.evaluate(str(test / "train.csv"), str(test / "train_images"), str(submission))
+    scores = score_submission(str(test / "train.csv"), str(test / "train_images"), str(submission))
     return {"kaggle_dice": scores.kaggle_dice, "baseline": scores.empty_baseline,
             "dice_defects": scores.dice_nonempty, "images_per_s": len(table) / seconds}  # fmt: skip
 
@@ -82,14 +84,14 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = TrainConfig(data=str(data), batch_size=args.batch, seed=args.seed)
     torch.manual_seed(args.seed)
-    model = engine.build_model(config).to(device)
-    optimizer = engine.build_optimizer(config, model)
-    scheduler = engine.build_scheduler(config, optimizer, args.steps)
+    model = recipe.build_model(config).to(device)
+    optimizer = recipe.build_optimizer(config, model)
+    scheduler = recipe.build_scheduler(config, optimizer, args.steps)
     rng = np.random.default_rng(args.seed)
     start = time.perf_counter()
     stream = batches(load_arrays(train), rng, args.steps, args.batch)
-    loss_fn = engine.build_loss(config).to(device)
-    engine.train_one_epoch(
+    loss_fn = recipe.build_loss(config).to(device)
+    epoch.train_one_epoch(
         model, stream, loss_fn, optimizer, scheduler, device, amp=device.type == "cuda"
     )
     train_seconds = time.perf_counter() - start
@@ -97,12 +99,11 @@ def main():
     checkpoint = run / "epoch_0001"
     checkpoint.mkdir(parents=True, exist_ok=True)
     state = {"model": model.state_dict(), "config": config.to_dict(), "epoch": 1}
-    torch.save(state, checkpoint / CHECKPOINT_FILE)
-    split = pd.concat([train.assign(split="train"), val.assign(split="val")], ignore_index=True)
-    catalog.save(split, run / "split.parquet")
-    rules, report = predict.calibrate(checkpoint, batch_size=args.batch)
+    runs.write_state(checkpoint, state)
+    runs.write_split(run, train, val)
+    rules, report, _ = calibrate(checkpoint, batch_size=args.batch)
     plain = score(checkpoint, test, None, device, args.batch)
-    calibrated = score(checkpoint, test, postprocess.load(checkpoint).to_dict(), device, args.batch)
+    calibrated = score(checkpoint, test, runs.load_rules(checkpoint).to_dict(), device, args.batch)
     result = {
         "size": f"{args.height}x{args.width}",
         "steps": args.steps,

@@ -12,7 +12,6 @@ predicts almost nothing, so the RLE strings are short, as on mostly clean steel.
 
 import argparse
 import json
-import tempfile
 import time
 
 import numpy as np
@@ -22,12 +21,12 @@ from steelseg.config import TrainConfig
 from steelseg.data import rle
 from steelseg.inference.postprocess import Rules
 from steelseg.inference.predict import probability_tensor
-from steelseg.training import engine
+from steelseg.training import recipe
 
 
 def bare(device: torch.device, batch: int, batches: int, tta: bool, height: int, width: int):
     torch.manual_seed(0)
-    model = engine.build_model(TrainConfig()).to(device).eval()
+    model = recipe.build_model(TrainConfig()).to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     rng = np.random.default_rng(0)
@@ -66,18 +65,16 @@ def bare(device: torch.device, batch: int, batches: int, tta: bool, height: int,
 def with_ray(checkpoint: str, images: str, batch: int, actors: int, tta: bool):
     from steelseg.inference.predict import predict
 
-    with tempfile.TemporaryDirectory() as out:
-        start = time.perf_counter()
-        table = predict(
-            checkpoint,
-            images,
-            f"{out}/sub.csv",
-            batch_size=batch,
-            actors=actors,
-            tta=tta,
-            progress=False,
-        )
-        seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    table = predict(
+        checkpoint,
+        images,
+        batch_size=batch,
+        actors=actors,
+        tta=tta,
+        progress=False,
+    )
+    seconds = time.perf_counter() - start
     n = len(table) // 4
     return {"mode": "ray", "images": n, "actors": actors, "batch": batch, "tta": tta,
             "seconds": round(seconds, 1), "images_per_s": round(n / seconds, 2)}  # fmt: skip

@@ -21,7 +21,7 @@ import torch
 from steelseg.config import TrainConfig
 from steelseg.data import synth
 from steelseg.model.unet import UNet
-from steelseg.training import engine
+from steelseg.training import epoch, recipe
 
 RECIPES = {
     # the common public recipe: Adam 5e-4, BCE + Dice, PyTorch's default init, constant LR
@@ -86,16 +86,16 @@ def run_recipe(name, overrides, data, args, device, seed):
     channels = data[0].shape[-1]
     config = config.replace(modalities=args.modalities[: channels - 2])
     torch.manual_seed(seed)
-    model = engine.build_model(config) if options["init"] else UNet(4, channels)
+    model = recipe.build_model(config) if options["init"] else UNet(4, channels)
     model.to(device)
-    loss_fn = engine.build_loss(config)
+    loss_fn = recipe.build_loss(config)
     if options["optimizer"] == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     else:
-        optimizer = engine.build_optimizer(config, model)
+        optimizer = recipe.build_optimizer(config, model)
     total = args.steps
     if options["schedule"]:
-        scheduler = engine.build_scheduler(config, optimizer, total)
+        scheduler = recipe.build_scheduler(config, optimizer, total)
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     rng = np.random.default_rng(seed)
@@ -104,11 +104,11 @@ def run_recipe(name, overrides, data, args, device, seed):
         random_batch(rng, train_images, train_bits, args.batch, args.crop) for _ in range(total)
     )
     start = time.perf_counter()
-    loss_sum, seen = engine.train_one_epoch(
+    loss_sum, seen = epoch.train_one_epoch(
         model, batches, loss_fn, optimizer, scheduler, device, amp=device.type == "cuda"
     )
     seconds = time.perf_counter() - start
-    _, _, counts, _ = engine.evaluate(
+    _, _, counts, _ = epoch.validate_one_epoch(
         model,
         val_batches(val_images, val_bits, args.batch),
         loss_fn,
@@ -169,9 +169,9 @@ def main():
             "fused:": (*train, *val),
         }
     runs = [(p, n, s) for p in inputs for n in args.recipes.split(",") for s in range(args.seeds)]
-    for prefix, recipe, seed in runs:
-        r = run_recipe(recipe, RECIPES[recipe], inputs[prefix], args, device, seed)
-        name = prefix + recipe
+    for prefix, recipe_name, seed in runs:
+        r = run_recipe(recipe_name, RECIPES[recipe_name], inputs[prefix], args, device, seed)
+        name = prefix + recipe_name
         rows.append(r)
         print(
             f"{name:24s} {seed:4d} {r['kaggle_dice']:7.4f} {r['baseline']:6.4f} "

@@ -4,7 +4,7 @@ and peak memory per worker.
     python benchmarks/bench_train.py bare --height 256 --width 512 --batch 16   # CPU or GPU
     python benchmarks/bench_train.py ray --height 32 --width 160 --workers 2    # needs Ray
 
-``bare`` times ``steelseg.training.engine.train_one_epoch`` on in-memory uint8 batches (no data
+``bare`` times ``steelseg.training.epoch.train_one_epoch`` on in-memory uint8 batches (no data
 loading), with bf16 autocast + channels_last on GPU and fp32, and prints images/s and peak memory.
 ``ray`` runs ``steelseg.training.fit.fit`` on a synthetic set and compares its images/s per worker
 (the last epochs, after warm-up) with the bare step run with the same threads per worker."""
@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from steelseg.config import TrainConfig
-from steelseg.training import engine
+from steelseg.runs import read_history
+from steelseg.training import epoch, recipe
 
 
 def synthetic_batches(n, batch, height, width, seed=0):
@@ -38,20 +39,20 @@ def bare_step(height, width, batch, steps, amp, device, threads=None):
     if threads:
         torch.set_num_threads(threads)
     config = TrainConfig()
-    model = engine.build_model(config).to(device)
+    model = recipe.build_model(config).to(device)
     if amp and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = engine.build_optimizer(config, model)
-    scheduler = engine.build_scheduler(config, optimizer, 10 * steps)
-    loss_fn = engine.build_loss(config).to(device)
+    optimizer = recipe.build_optimizer(config, model)
+    scheduler = recipe.build_scheduler(config, optimizer, 10 * steps)
+    loss_fn = recipe.build_loss(config).to(device)
     warm = synthetic_batches(3, batch, height, width)
-    engine.train_one_epoch(model, warm, loss_fn, optimizer, scheduler, device, amp=amp)
+    epoch.train_one_epoch(model, warm, loss_fn, optimizer, scheduler, device, amp=amp)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     batches = synthetic_batches(steps, batch, height, width)
     start = time.perf_counter()
-    engine.train_one_epoch(model, batches, loss_fn, optimizer, scheduler, device, amp=amp)
+    epoch.train_one_epoch(model, batches, loss_fn, optimizer, scheduler, device, amp=amp)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -105,7 +106,7 @@ def cmd_ray(args):
             log_images=0,
         )
         result = fit(config)
-        per_epoch = result.metrics_dataframe
+        per_epoch = read_history(result.run_dir)
         ray_rate = float(per_epoch["images_per_s"].iloc[1:].mean()) / args.workers
         peak = float(per_epoch["peak_worker_rss_gib"].max())
         ray.shutdown()

@@ -41,8 +41,9 @@ def answers(address: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def init_ray(num_cpus: int, *, verbose: bool = False) -> str:
-    """Attach to the job's cluster or start a local Ray with ``num_cpus`` CPUs (at least).
+def init_ray(num_cpus: int, *, verbose: bool = False, progress_bars: bool = False) -> str:
+    """Attach to the job's cluster or start a local Ray with ``num_cpus`` CPUs (at least), and
+    set Ray Data's context for this driver: its progress bars only with ``progress_bars``.
 
     ``verbose`` shows Ray's own logs and the workers' output; otherwise only warnings.
 
@@ -54,6 +55,9 @@ def init_ray(num_cpus: int, *, verbose: bool = False) -> str:
     """
     import ray
 
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = progress_bars
+    context.print_on_execution_start = False
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
     quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}

@@ -1,54 +1,45 @@
-"""One typed config for a training run. The command line, config files, the Tune search space and
-checkpoints all speak it; an unknown key is an error, never silently ignored."""
+"""One typed config for a training run, defined once: each field carries its type, default, help
+and group, and every check a user's value must pass is in ``TrainConfig.validate``. The command
+line (a flag per field, derived from the annotations), config files, the Tune search space and
+checkpoints all speak it; an unknown key is an error, never silently ignored.
+
+The groups follow the Ray objects they feed: ``run`` (RunConfig: where the run lives, failures,
+checkpoints), ``data`` (the data set and the Ray Data pipelines), ``recipe`` (the training loop)
+and ``scaling`` (ScalingConfig).
+"""
 
 import argparse
 import dataclasses
 import json
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from steelseg.domain import ENCODER_STRIDE, N_CLASSES
 from steelseg.errors import SteelsegError
-from steelseg.model.unet import ENCODER_STRIDE
 from steelseg.paths import local_path
 
-HELP = {
-    "data": "Severstal-layout folder (train.csv, train_images/); empty: a synthetic demo set",
-    "storage": "folder (or shared file system path) where runs are kept",
-    "name": "the run; rerunning with the same storage and name resumes it",
-    "modalities": "image folders stacked as channels, visible first, e.g. visible,ir",
-    "drop_bad": "drop images with data problems (counted) instead of failing",
-    "epochs": "passes over the training split",
-    "batch_size": "images per batch on each worker",
-    "grad_accum": "optimizer step every this many batches",
-    "lr": "peak learning rate of AdamW",
-    "weight_decay": "AdamW weight decay (not on biases and norms)",
-    "warmup_steps": "optimizer steps of linear warm-up before the cosine decay",
-    "bce_weight": "weight of BCE in the loss",
-    "dice_weight": "weight of (1 - soft Dice) in the loss",
-    "pos_weight": "BCE weight of defect pixels per class, 4 values",
-    "head_prior": "initial defect probability the head predicts (its bias)",
-    "pretrained": "encoder weights: '' (random), imagenet, or a resnet18 state_dict file",
-    "crop_height": "training crop height, multiple of 32; 0: whole image",
-    "crop_width": "training crop width, multiple of 32; 0: whole image",
-    "val_fraction": "share of images in the validation split",
-    "threshold": "probability above which a pixel counts as defect in val Dice",
-    "seed": "seed of the split, shuffles, augmentation and initialisation",
-    "num_workers": "Ray Train workers (DDP ranks)",
-    "use_gpu": "one GPU per worker",
-    "cpus_per_worker": "CPUs reserved per worker",
-    "placement_strategy": "PACK workers on few nodes or SPREAD them over many",
-    "amp": "bf16 autocast and channels_last on GPU",
-    "max_failures": "worker failures to recover from, from the last checkpoint",
-    "keep_checkpoints": "checkpoints kept, best by val Dice (the latest is kept too)",
-    "log_images": "validation images in the TensorBoard figure each epoch",
-    "synth_images": "images in the demo set (when data is empty)",
-    "synth_height": "demo image height",
-    "synth_width": "demo image width",
+GROUPS = {
+    "data": "the data set and its pipelines (Ray Data)",
+    "recipe": "the training recipe",
+    "scaling": "workers and their resources (Ray's ScalingConfig)",
+    "run": "where the run lives, failures and checkpoints (Ray's RunConfig)",
 }
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+def setting(default: Any, help: str, group: str) -> Any:
+    """A config field: its default, its help text and its group (a list default is copied for
+    each config)."""
+    metadata = {"help": help, "group": group}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -56,91 +47,120 @@ class TrainConfig:
     """A training run. Defaults are the recipe measured to learn from random weights
     (benchmarks/bench_recipe.py); the demo needs nothing else."""
 
-    data: str = ""
-    storage: str = "~/steelseg_runs"
-    name: str = "demo"
-    modalities: list[str] = field(default_factory=lambda: ["visible"])
-    drop_bad: bool = False
+    storage: str = setting(
+        "~/steelseg_runs", "folder (or shared file system path) where runs are kept", "run"
+    )
+    name: str = setting(
+        "demo", "the run; rerunning with the same storage and name resumes it", "run"
+    )
+    max_failures: int = setting(
+        2, "worker failures to recover from, from the last checkpoint", "run"
+    )
+    keep_checkpoints: int = setting(
+        3, "checkpoints kept, best by val Dice (the latest is kept too)", "run"
+    )
+    log_images: int = setting(4, "validation images in the TensorBoard figure each epoch", "run")
 
-    epochs: int = 8
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_steps: int = 50
+    data: str = setting(
+        "",
+        "Severstal-layout folder (train.csv, train_images/); empty: a synthetic demo set",
+        "data",
+    )
+    modalities: list[str] = setting(
+        ["visible"], "image folders stacked as channels, visible first, e.g. visible,ir", "data"
+    )
+    drop_bad: bool = setting(
+        False, "drop images with data problems (counted) instead of failing", "data"
+    )
+    crop_height: int = setting(0, "training crop height, multiple of 32; 0: whole image", "data")
+    crop_width: int = setting(0, "training crop width, multiple of 32; 0: whole image", "data")
+    val_fraction: float = setting(0.2, "share of images in the validation split", "data")
+    synth_images: int = setting(320, "images in the demo set (when data is empty)", "data")
+    synth_height: int = setting(32, "demo image height", "data")
+    synth_width: int = setting(160, "demo image width", "data")
+
+    epochs: int = setting(8, "passes over the training split", "recipe")
+    batch_size: int = setting(4, "images per batch on each worker", "recipe")
+    grad_accum: int = setting(1, "optimizer step every this many batches", "recipe")
+    lr: float = setting(1e-3, "peak learning rate of AdamW", "recipe")
+    weight_decay: float = setting(1e-4, "AdamW weight decay (not on biases and norms)", "recipe")
+    warmup_steps: int = setting(
+        50, "optimizer steps of linear warm-up before the cosine decay", "recipe"
+    )
     # 1:1 collapsed to "no defect" from random weights at 64x320; see the README's recipe table
-    bce_weight: float = 0.75
-    dice_weight: float = 0.25
-    pos_weight: list[float] | None = None
-    head_prior: float = 0.01
-    pretrained: str = ""
-    crop_height: int = 0
-    crop_width: int = 0
-    val_fraction: float = 0.2
-    threshold: float = 0.5
-    seed: int = 0
+    bce_weight: float = setting(0.75, "weight of BCE in the loss", "recipe")
+    dice_weight: float = setting(0.25, "weight of (1 - soft Dice) in the loss", "recipe")
+    pos_weight: list[float] | None = setting(
+        None, "BCE weight of defect pixels per class, 4 values", "recipe"
+    )
+    head_prior: float = setting(
+        0.01, "initial defect probability the head predicts (its bias)", "recipe"
+    )
+    pretrained: str = setting(
+        "", "encoder weights: '' (random), imagenet, or a resnet18 state_dict file", "recipe"
+    )
+    threshold: float = setting(
+        0.5, "probability above which a pixel counts as defect in val Dice", "recipe"
+    )
+    seed: int = setting(0, "seed of the split, shuffles, augmentation and initialisation", "recipe")
+    amp: bool = setting(True, "bf16 autocast and channels_last on GPU", "recipe")
 
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    placement_strategy: str = "PACK"
-    amp: bool = True
-    max_failures: int = 2
-    keep_checkpoints: int = 3
-    log_images: int = 4
-    synth_images: int = 320
-    synth_height: int = 32
-    synth_width: int = 160
+    num_workers: int = setting(2, "Ray Train workers (DDP ranks)", "scaling")
+    use_gpu: bool = setting(False, "one GPU per worker", "scaling")
+    cpus_per_worker: float = setting(1.0, "CPUs reserved per worker", "scaling")
+    placement_strategy: str = setting(
+        "PACK", "PACK workers on few nodes or SPREAD them over many", "scaling"
+    )
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        positive = (
-            "epochs", "batch_size", "grad_accum", "num_workers", "synth_images", "keep_checkpoints"
-        )  # fmt: skip
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise SteelsegError(f"config {name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "max_failures", "log_images"):
-            if getattr(self, name) < 0:
-                raise SteelsegError(f"config {name} must be >= 0, got {getattr(self, name)}")
-        if self.cpus_per_worker <= 0:
-            raise SteelsegError(
-                f"config cpus_per_worker must be positive, got {self.cpus_per_worker}"
-            )
-        if self.lr <= 0:
-            raise SteelsegError(f"config lr must be positive, got {self.lr}")
+        """Every check of the values; raises SteelsegError naming the field and the value."""
+        at_least = {
+            1: (
+                "epochs",
+                "batch_size",
+                "grad_accum",
+                "num_workers",
+                "synth_images",
+                "keep_checkpoints",
+            ),
+            0: ("warmup_steps", "max_failures", "log_images"),
+        }
+        for low, names in at_least.items():
+            for name in names:
+                if getattr(self, name) < low:
+                    rule = "must be at least 1" if low else "must be >= 0"
+                    _bad(name, rule, getattr(self, name))
+        for name in ("cpus_per_worker", "lr"):
+            if getattr(self, name) <= 0:
+                _bad(name, "must be positive", getattr(self, name))
         if self.bce_weight < 0 or self.dice_weight < 0 or self.bce_weight + self.dice_weight == 0:
             raise SteelsegError(
                 f"config bce_weight and dice_weight must be >= 0 and not both 0, "
                 f"got {self.bce_weight} and {self.dice_weight}"
             )
         for name in ("crop_height", "crop_width", "synth_height", "synth_width"):
-            value = getattr(self, name)
-            if value % ENCODER_STRIDE or value < 0:
-                raise SteelsegError(
-                    f"config {name} must be a multiple of {ENCODER_STRIDE}, got {value}"
-                )
+            if getattr(self, name) % ENCODER_STRIDE or getattr(self, name) < 0:
+                _bad(name, f"must be a multiple of {ENCODER_STRIDE}", getattr(self, name))
         if bool(self.crop_height) != bool(self.crop_width):
             raise SteelsegError("config crop_height and crop_width must both be set or both be 0")
-        if not 0 < self.head_prior < 1:
-            raise SteelsegError(f"config head_prior must be in (0, 1), got {self.head_prior}")
-        if not 0 < self.val_fraction < 1:
-            raise SteelsegError(f"config val_fraction must be in (0, 1), got {self.val_fraction}")
+        for name in ("head_prior", "val_fraction", "threshold"):
+            if not 0 < getattr(self, name) < 1:
+                _bad(name, "must be in (0, 1)", getattr(self, name))
         if not self.modalities or self.modalities[0] != "visible":
-            raise SteelsegError(
-                f"config modalities must start with 'visible', got {self.modalities}"
-            )
-        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-            raise SteelsegError(
-                f"config placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
-                f"got {self.placement_strategy!r}"
+            _bad("modalities", "must start with 'visible'", self.modalities)
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            _bad(
+                "placement_strategy",
+                f"must be {' or '.join(PLACEMENT_STRATEGIES)}",
+                self.placement_strategy,
             )
         for name in ("data", "storage", "pretrained"):
             local_path(getattr(self, name), f"config {name}")
-        if self.pos_weight is not None and len(self.pos_weight) != 4:
-            raise SteelsegError(f"config pos_weight needs 4 values, got {self.pos_weight}")
+        if self.pos_weight is not None and len(self.pos_weight) != N_CLASSES:
+            _bad("pos_weight", f"needs {N_CLASSES} values", self.pos_weight)
 
     @property
     def storage_path(self) -> str:
@@ -164,71 +184,100 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
-        """Raises SteelsegError naming any unknown key and the source it came from."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        """Raises SteelsegError naming any unknown key, or a value of the wrong type, and the
+        source it came from."""
+        unknown = sorted(set(values) - set(FIELDS))
         if unknown:
             raise SteelsegError(f"{source}: unknown config key(s) {', '.join(unknown)}")
-        defaults = {f.name: _default(f) for f in dataclasses.fields(cls)}
-        return cls(**{k: _check_type(k, v, defaults[k], source) for k, v in values.items()})
+        return cls(**{k: coerce(k, v, source) for k, v in values.items()})
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
 
-def _default(f: dataclasses.Field) -> Any:
-    return f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def _check_type(key: str, value: Any, default: Any, source: str) -> Any:
-    """The value, as the field's type (an int where a float is expected is fine); a list's
-    elements are checked too."""
-    if key == "pos_weight" and value is None:
-        return value
-    expected = type(default) if default is not None else list
-    if expected is list:
+def _bad(name: str, rule: str, value: Any) -> typing.NoReturn:
+    raise SteelsegError(f"config {name} {rule}, got {value!r}")
+
+
+def field_type(name: str) -> tuple[type, type | None, bool]:
+    """(type, element type of a list or None, whether None is allowed), from the annotation."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    optional = False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional, hint = True, args[0]
+    if typing.get_origin(hint) is list:
+        return list, typing.get_args(hint)[0], optional
+    return hint, None, optional
+
+
+def coerce(name: str, value: Any, source: str) -> Any:
+    """``value`` as field ``name``'s type: an int where a float is expected is fine, a list's
+    elements are checked, and strings (from flags) are converted.
+
+    Raises:
+        SteelsegError: the value is not of the field's type.
+    """
+    kind, element, optional = field_type(name)
+    if value is None and optional:
+        return None
+    if kind is list:
         if not isinstance(value, list | tuple):
-            raise SteelsegError(f"{source}: config {key} must be a list, got {value!r}")
-        return [_check_type(key, v, LIST_ELEMENT[key](), source) for v in value]
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            raise SteelsegError(f"{source}: config {name} must be a list, got {value!r}")
+        return [_scalar(name, v, element, source) for v in value]
+    return _scalar(name, value, kind, source)
+
+
+def _scalar(name: str, value: Any, kind: type, source: str) -> Any:
+    if isinstance(value, str) and kind in (int, float) and source == COMMAND_LINE:
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
-    raise SteelsegError(f"{source}: config {key} must be {expected.__name__}, got {value!r}")
+    raise SteelsegError(f"{source}: config {name} must be {kind.__name__}, got {value!r}")
+
+
+COMMAND_LINE = "command line"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """A flag per config field (``--batch-size``; ``--use-gpu/--no-use-gpu`` for booleans,
-    comma lists for lists) and ``--config FILE``; flags override the file."""
+    """A flag per config field, grouped as the config is (``--batch-size``;
+    ``--use-gpu/--no-use-gpu`` for booleans, comma lists for lists) and ``--config FILE``;
+    flags override the file."""
     parser.add_argument("--config", help="YAML or JSON file of config keys")
-    for f in dataclasses.fields(TrainConfig):
-        default = _default(f)
-        flag = "--" + f.name.replace("_", "-")
-        text = f"{HELP[f.name]} (default: {_show(default)})"
-        if isinstance(default, bool):
-            parser.add_argument(
-                flag,
-                dest=f.name,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=text,
-            )
+    groups = {
+        name: parser.add_argument_group(f"{name} config", about) for name, about in GROUPS.items()
+    }
+    defaults = TrainConfig().to_dict()
+    for name, f in FIELDS.items():
+        kind, _, _ = field_type(name)
+        flag = "--" + name.replace("_", "-")
+        text = f"{f.metadata['help']} (default: {_show(defaults[name])})"
+        group = groups[f.metadata["group"]]
+        if kind is bool:
+            action = argparse.BooleanOptionalAction
+            group.add_argument(flag, dest=name, action=action, default=argparse.SUPPRESS, help=text)
         else:
-            kind = _parse_list if f.name in LIST_ELEMENT else type(default)
-            parser.add_argument(
+            # values stay strings here; ``from_args`` converts and checks them like a file's
+            parse = _split_list if kind is list else str
+            group.add_argument(
                 flag,
-                dest=f.name,
-                type=kind,
+                dest=name,
+                type=parse,
                 default=argparse.SUPPRESS,
                 help=text,
-                metavar=f.name.upper(),
+                metavar=name.upper(),
             )
 
 
-LIST_ELEMENT = {"modalities": str, "pos_weight": float}
-
-
-def _parse_list(text: str) -> list:
+def _split_list(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
@@ -241,22 +290,13 @@ def _show(value: Any) -> str:
 def from_args(args: argparse.Namespace) -> TrainConfig:
     """The config from ``--config FILE`` (if any) overridden by the flags given."""
     values = read_config_file(args.config) if args.config else {}
-    flags = {k: v for k, v in vars(args).items() if k in HELP}
-    if "pos_weight" in flags:
-        flags["pos_weight"] = _floats(flags["pos_weight"], "--pos-weight")
-    return TrainConfig.from_dict({**values, **flags}, args.config or "command line")
-
-
-def _floats(values: list[str], flag: str) -> list[float]:
-    try:
-        return [float(v) for v in values]
-    except ValueError:
-        raise SteelsegError(f"{flag}: expected comma-separated numbers, got {values}") from None
+    flags = {k: coerce(k, v, COMMAND_LINE) for k, v in vars(args).items() if k in FIELDS}
+    return TrainConfig.from_dict({**values, **flags}, args.config or COMMAND_LINE)
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """A YAML or JSON mapping of config keys (not yet checked against TrainConfig)."""
-    path = Path(path)
+    path = local_path(path, "config file")
     try:
         text = path.read_text()
     except OSError as e:

@@ -1,3 +1,4 @@
+import logging
 import os
 import shutil
 import signal
@@ -13,7 +14,7 @@ from PIL import Image
 
 from steelseg.data import rle, synth
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent / "real"  # three real Severstal images and their masks
 # Ray 2.60 clusters started with ``ray start`` use token authentication: a driver attaching to
 # one by address needs token mode set before Ray reads its config (the token is in
 # ~/.ray/auth_token, written by the first ``ray start``).
@@ -24,6 +25,24 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 def real_dir() -> Path:
     """The three real Severstal images, their labels and train.csv."""
     return DATA
+
+
+@pytest.fixture
+def steelseg_log():
+    """steelseg's log messages while the test runs, as 'level: message' lines."""
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(f"{record.levelname.lower()}: {record.getMessage()}")
+
+    logger, handler = logging.getLogger("steelseg"), Keep()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 @pytest.fixture(scope="session")
@@ -192,7 +211,7 @@ def trained_run(cluster, four_class_dir, tmp_path_factory):
         target=kill_rank_1_after_checkpoint, args=(storage / "run", 2, killed)
     )
     killer.start()
-    resumed = fit(small_run(four_class_dir, storage, epochs=3), show_progress=False)
+    resumed = fit(small_run(four_class_dir, storage, epochs=3))
     killer.join()
     assert resumed.error is None, resumed.error
-    return Path(resumed.path), before, job, killed
+    return resumed.run_dir, before, job, killed

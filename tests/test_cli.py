@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from steelseg.cli import main
@@ -32,6 +34,21 @@ def test_bad_path_is_one_line_error(tmp_path, capsys):
 def test_bad_size_flag(synth_dir, capsys):
     assert main(["validate", str(synth_dir), "--size", "big"]) == 1
     assert "expected HEIGHTxWIDTH" in capsys.readouterr().err
+
+
+def test_help_lists_every_command_and_the_ray_jobs_run_the_same_ones(capsys):
+    from ray_jobs.predict import main as predict_job
+
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    commands = ("train", "tune", "predict", "calibrate", "evaluate", "figures", "synth", "validate")
+    for name in commands:
+        assert re.search(rf"\n    {name}\s", out), name
+    with pytest.raises(SystemExit):
+        predict_job(["--help"])
+    assert capsys.readouterr().out.startswith("usage: steelseg predict")
 
 
 def test_unknown_subcommand_exits_nonzero():
@@ -76,3 +93,16 @@ def test_uris_are_refused_in_one_line(argv, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "URIs are not supported yet" in err
+
+
+def test_the_readmes_python_api_imports_work():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("## Code and Python API", 1)[1].split("```python", 1)[1].split("```")[0]
+    imports = [line for line in block.splitlines() if line.startswith(("from ", "import "))]
+    assert len(imports) >= 2
+    namespace: dict = {}
+    exec("\n".join(imports), namespace)
+    for name in ("TrainConfig", "fit", "predict", "calibrate", "sweep", "score_submission"):
+        assert callable(namespace[name]), name

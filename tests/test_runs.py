@@ -1,15 +1,21 @@
-"""A run's files without Ray: the history and the choice of the best checkpoint."""
+"""A run's files without Ray: the history, the choice of the best checkpoint, the rules stored
+with a checkpoint and the split."""
 
 import math
 
 import pytest
 
 from steelseg.errors import SteelsegError
+from steelseg.inference.postprocess import ClassRule, Rules
 from steelseg.runs import (
     CHECKPOINT_FILE,
     append_history,
     best_checkpoint,
+    load_rules,
+    read_calibration,
     read_history,
+    read_split,
+    save_rules,
     trim_history,
 )
 
@@ -42,3 +48,16 @@ def test_trim_history_drops_the_epochs_after_the_restored_checkpoint(tmp_path):
     assert history["worker_pids"].tolist() == [[1, 2], [1, 2]]  # list columns read back as lists
     trim_history(run, 0)
     assert read_history(run).empty
+
+
+def test_rules_round_trip_through_the_checkpoint_folder(tmp_path):
+    rules = Rules((ClassRule(0.4, 30, 5, 0.8),) + (ClassRule(),) * 3, image_size=(32, 160))
+    save_rules(tmp_path, rules, {"kaggle_dice_after": 0.9})
+    assert load_rules(tmp_path) == rules
+    assert read_calibration(tmp_path) == {"kaggle_dice_after": 0.9}
+    assert load_rules(tmp_path / "nothing") is None
+
+
+def test_a_run_without_a_split_is_a_one_line_error(tmp_path):
+    with pytest.raises(SteelsegError, match=r"no split.parquet \(the run's train/validation"):
+        read_split(tmp_path)

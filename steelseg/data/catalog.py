@@ -19,15 +19,16 @@ import pandas as pd
 from PIL import Image
 
 from steelseg.data import rle
+from steelseg.domain import (
+    CLASS_IDS,
+    CURRENT_HEADER,
+    HAS_COLUMNS,
+    ORIGINAL_HEADER,
+    SUBMISSION_HEADER,
+)
 from steelseg.errors import RLEError, SteelsegError
 from steelseg.paths import local_path
 
-CLASS_IDS = (1, 2, 3, 4)
-RLE_COLUMNS = [f"rle_{c}" for c in CLASS_IDS]
-HAS_COLUMNS = [f"has_{c}" for c in CLASS_IDS]
-CURRENT_HEADER = ("ImageId", "ClassId", "EncodedPixels")
-ORIGINAL_HEADER = ("ImageId_ClassId", "EncodedPixels")
-SUBMISSION_HEADER = ("ImageId", "EncodedPixels", "ClassId")  # what predict writes
 HEADERS = (CURRENT_HEADER, ORIGINAL_HEADER, SUBMISSION_HEADER)
 
 
@@ -329,7 +330,7 @@ def split(
     The result depends only on the image ids, their patterns and the seed, not on row order.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise SteelsegError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     table = table.sort_values("image_id").reset_index(drop=True)
     rng = np.random.default_rng(seed)
     is_val = np.zeros(len(table), dtype=bool)
@@ -339,11 +340,11 @@ def split(
     return table[~is_val].reset_index(drop=True), table[is_val].reset_index(drop=True)
 
 
-def save(table: pd.DataFrame, path: str | os.PathLike) -> None:
+def write_table(table: pd.DataFrame, path: str | os.PathLike) -> None:
     table.to_parquet(path, engine="pyarrow", index=False)
 
 
-def read(path: str | os.PathLike) -> pd.DataFrame:
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
     try:
         return pd.read_parquet(path, engine="pyarrow")
     except (FileNotFoundError, OSError) as e:

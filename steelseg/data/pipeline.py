@@ -3,7 +3,7 @@
 Rows hold paths and RLE strings; ``map_batches`` reads the JPEGs and decodes the masks into
 uint8 NumPy batches (``image`` (B, H, W, C), ``mask`` (B, H, W) with bit c set for class c + 1,
 so all four classes cost one byte a pixel in the object store); the training set is then
-augmented with albumentations. Floats appear only on the worker (``steelseg.training.engine``).
+augmented with albumentations. Floats appear only on the worker (``steelseg.model.inputs``).
 
 Shuffling happens on the table, before decoding, with a seed that changes every epoch but is
 the same in every run, so each epoch sees new batches and new augmentations, repeatably.
@@ -20,8 +20,8 @@ import ray.data
 
 from steelseg.config import TrainConfig
 from steelseg.data import rle
-from steelseg.data.catalog import RLE_COLUMNS
 from steelseg.data.images import path_columns, read_stack
+from steelseg.domain import RLE_COLUMNS
 from steelseg.errors import SteelsegError
 
 ROWS_PER_BLOCK = 32

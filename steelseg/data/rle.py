@@ -14,8 +14,6 @@ import numpy as np
 
 from steelseg.errors import RLEError
 
-N_CLASSES = 4
-
 
 def _where(image_id: str, class_id: int | None) -> str:
     place = f"image {image_id or '?'}"

@@ -255,7 +255,7 @@ def write_dataset(
     if height < 16 or width < 16:
         raise SteelsegError(f"image size {height}x{width} is too small (16x16 at least)")
     if n_images < 1:
-        raise SteelsegError(f"--images must be at least 1, got {n_images}")
+        raise SteelsegError(f"a data set needs at least 1 image, got {n_images}")
     unknown = [m for m in modalities if m not in MODALITIES]
     if unknown or not modalities or modalities[0] != "visible":
         raise SteelsegError(

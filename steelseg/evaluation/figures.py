@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from steelseg.domain import HAS_COLUMNS, N_CLASSES, RLE_COLUMNS
 from steelseg.errors import SteelsegError
 
 CLASS_COLORS = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 225, 25]], np.uint8)
@@ -46,7 +47,7 @@ def _pyplot():
 def _legend(ax) -> None:
     from matplotlib.patches import Patch
 
-    handles = [Patch(color=CLASS_COLORS[c] / 255, label=f"class {c + 1}") for c in range(4)]
+    handles = [Patch(color=CLASS_COLORS[c] / 255, label=f"class {c + 1}") for c in range(N_CLASSES)]
     ax.legend(handles=handles, loc="upper center", ncol=4, bbox_to_anchor=(0.5, 0.0), frameon=False)
 
 
@@ -75,7 +76,7 @@ def samples_figure(table, path: Path, per_kind: int = 3, seed: int = 0) -> Path:
     from steelseg.data import images, rle
 
     rng = np.random.default_rng(seed)
-    has = table[[f"has_{c}" for c in range(1, 5)]].any(axis=1).to_numpy()
+    has = table[HAS_COLUMNS].any(axis=1).to_numpy()
     panels = []
     for kind, rows in (("no defect", ~has), ("defects", has)):
         index = np.flatnonzero(rows)
@@ -83,11 +84,11 @@ def samples_figure(table, path: Path, per_kind: int = 3, seed: int = 0) -> Path:
             row = table.iloc[i]
             image = images.read_image(row["path"])
             masks = rle.decode_classes(
-                [row[f"rle_{c}"] or "" for c in range(1, 5)],
+                [row[col] or "" for col in RLE_COLUMNS],
                 *image.shape[:2],
                 image_id=row["image_id"],
             )
-            classes = [str(c + 1) for c in range(4) if masks[c].any()]
+            classes = [str(c + 1) for c in range(N_CLASSES) if masks[c].any()]
             label = f"{row['image_id']}: {kind}" + (
                 f" (class {', '.join(classes)})" if classes else ""
             )

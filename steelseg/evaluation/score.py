@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from steelseg.data import catalog, rle
+from steelseg.domain import N_CLASSES
 from steelseg.errors import RLEError, SteelsegError
 from steelseg.evaluation.metrics import DiceCounts, Scores
 from steelseg.paths import local_path
@@ -28,11 +29,11 @@ def read_rows(
     return masks
 
 
-def decode(
+def rows_to_masks(
     rows: dict[int, catalog.MaskRow], height: int, width: int, source: str | Path
 ) -> np.ndarray:
     """(4, H, W) masks of an image's rows; a bad RLE is an error naming ``source`` and the row."""
-    masks = np.zeros((len(catalog.CLASS_IDS), height, width), np.uint8)
+    masks = np.zeros((N_CLASSES, height, width), np.uint8)
     for class_id, row in rows.items():
         try:
             masks[class_id - 1] = rle.decode(
@@ -43,7 +44,7 @@ def decode(
     return masks
 
 
-def evaluate(truth_csv: str, images_dir: str, submission_csv: str) -> Scores:
+def score_submission(truth_csv: str, images_dir: str, submission_csv: str) -> Scores:
     """Score ``submission_csv`` on the images of ``images_dir``.
 
     Raises:
@@ -76,8 +77,8 @@ def evaluate(truth_csv: str, images_dir: str, submission_csv: str) -> Scores:
         info = catalog.inspect_image(folder / name, decode=False)
         if info.error:
             raise SteelsegError(f"{folder / name}: {info.error}")
-        true = decode(truth.get(name, {}), info.height, info.width, truth_csv)
-        pred = decode(predicted.get(name, {}), info.height, info.width, submission_csv)
+        true = rows_to_masks(truth.get(name, {}), info.height, info.width, truth_csv)
+        pred = rows_to_masks(predicted.get(name, {}), info.height, info.width, submission_csv)
         counts.update(torch.from_numpy(pred[None]), torch.from_numpy(true[None]))
     return counts.compute()
 
@@ -95,7 +96,7 @@ def format_scores(scores: Scores, images: int | None = None) -> str:
         f"Dice, defect pairs    {show(scores.dice_nonempty)}",
         "class  Dice    Dice(defect)  presence precision  recall",
     ]
-    for c in range(4):
+    for c in range(N_CLASSES):
         dice, defect = scores.dice_per_class[c], scores.dice_nonempty_per_class[c]
         precision, recall = scores.presence_precision[c], scores.presence_recall[c]
         lines.append(

@@ -1,24 +1,19 @@
 """From per-class probabilities to masks: a threshold, a minimum total area, optional removal of
 small connected components and an optional image-level gate, each set per class.
 
-``calibrate`` searches these on a validation set for the Kaggle Dice; ``Rules`` are stored next
-to a checkpoint as ``postprocess.json`` and used by prediction by default.
+``search_rules`` (and ``Calibration``, its streaming form) finds these on a validation set for the
+Kaggle Dice; ``steelseg.runs`` stores them with a checkpoint, and prediction uses them by default.
 """
 
 import dataclasses
 import itertools
-import json
-import os
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
+from steelseg.domain import N_CLASSES
 from steelseg.errors import SteelsegError
-
-N_CLASSES = 4
-RULES_FILE = "postprocess.json"
 
 # The grids calibrate searches. Areas are fractions of the image (at 256x1600, 0.001 is 410 px),
 # so one grid serves any image size.
@@ -157,25 +152,7 @@ def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
     return keep[labels].astype(np.uint8) if n > 1 else mask
 
 
-def save(rules: Rules, checkpoint_dir: str | os.PathLike, report: dict | None = None) -> Path:
-    path = Path(checkpoint_dir) / RULES_FILE
-    path.write_text(json.dumps({**rules.to_dict(), "calibration": report or {}}, indent=2))
-    return path
-
-
-def load(checkpoint_dir: str | os.PathLike) -> Rules | None:
-    """The calibrated rules stored with a checkpoint, or None when it was never calibrated."""
-    path = Path(checkpoint_dir) / RULES_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SteelsegError(f"{path}: cannot read ({e})") from None
-    return Rules.from_dict(data, str(path))
-
-
-def pair_dice(inter: np.ndarray, pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+def _pair_dice(inter: np.ndarray, pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     """Kaggle's per-pair Dice: 1 where both masks are empty."""
     total = pred + true
     return np.where(total == 0, 1.0, 2 * inter / np.maximum(total, 1))
@@ -239,12 +216,12 @@ class Calibration:
             ):
                 area, inter = stats[:, c, t, k, 0], stats[:, c, t, k, 1]
                 if threshold == 0.5 and not component:
-                    before.append(float(pair_dice(inter, area, true_areas[:, c]).mean()))
+                    before.append(float(_pair_dice(inter, area, true_areas[:, c]).mean()))
                 for fraction, gate in itertools.product(AREA_FRACTIONS, GATES):
                     if gate and gate <= threshold:
                         continue  # a gate at or below the threshold changes nothing
                     keep = (area >= fraction * pixels) & (peaks[:, c] >= gate)
-                    dice = pair_dice(inter * keep, area * keep, true_areas[:, c]).mean()
+                    dice = _pair_dice(inter * keep, area * keep, true_areas[:, c]).mean()
                     if dice > best[0] + 1e-12:
                         rule = ClassRule(
                             threshold, round(fraction * pixels), round(component * pixels), gate
@@ -262,7 +239,7 @@ class Calibration:
         return Rules(tuple(rules), self.size), report
 
 
-def calibrate(probs: list[np.ndarray], truth: list[np.ndarray]) -> tuple[Rules, dict]:
+def search_rules(probs: list[np.ndarray], truth: list[np.ndarray]) -> tuple[Rules, dict]:
     """``Calibration`` over lists of (4, H, W) probabilities and truths."""
     search = Calibration()
     for p, t in zip(probs, truth):

@@ -16,7 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
-ENCODER_STRIDE = 32
+from steelseg.domain import ENCODER_STRIDE
 
 
 def conv_relu(in_channels: int, out_channels: int, kernel: int) -> nn.Sequential:

@@ -9,10 +9,11 @@ TensorBoard, so ``tensorboard --logdir <storage>/<name>/trials`` compares them a
 included), ``results.csv`` (trials sorted by val Dice), ``best_config.yaml`` (for
 ``ray_jobs/train.py --config``) and ``best_checkpoint.txt``."""
 
+import logging
 import math
 import os
 import shutil
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,10 @@ import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
+from steelseg import runs
 from steelseg.cluster import init_ray
 from steelseg.config import TrainConfig
 from steelseg.errors import SteelsegError
-from steelseg.runs import SCORE, best_checkpoint, read_history
 from steelseg.training.fit import cpus_needed, fit
 
 DEFAULT_SPACE = {
@@ -41,6 +42,8 @@ SAMPLERS = {
 }
 FIXED_BY_SWEEP = ("name", "storage", "epochs")
 TRIAL_DRIVER_MEMORY = 256 * 2**20
+
+log = logging.getLogger(__name__)
 
 
 def search_space(spec: dict[str, Any]) -> dict[str, Any]:
@@ -102,9 +105,9 @@ def run_trial(params: dict[str, Any], base: dict, sweep_dir: str) -> None:
 
     trial = Path(tune.get_context().get_trial_dir()).name  # the same name as Tune's trial folder
     config = TrainConfig.from_dict(base).replace(
-        **params, storage=str(Path(sweep_dir) / "trials"), name=trial
+        **params, storage=str(runs.trials_dir(sweep_dir)), name=trial
     )
-    result = fit(config, callbacks=[TuneReportCallback()], show_progress=False)
+    result = fit(config, callbacks=[TuneReportCallback()])
     if result.error:
         raise result.error  # Tune marks the trial ERRORED; a restore reruns it
 
@@ -116,11 +119,13 @@ def check_resources(base: TrainConfig, max_concurrent: int) -> None:
     cpus = ray.cluster_resources().get("CPU", 0)
     workers = max_concurrent * base.num_workers * base.cpus_per_worker
     if workers + 1 > cpus:
-        print(
-            f"steelseg: warning: {max_concurrent} trials x {base.num_workers} workers take "
-            f"{workers:g} of the cluster's {cpus:g} CPUs; reading data needs at least one more "
-            "(fewer --max-concurrent-trials, or an autoscaling cluster)",
-            file=sys.stderr,
+        log.warning(
+            "%d trials x %d workers take %g of the cluster's %g CPUs; reading data needs at "
+            "least one more (fewer concurrent trials, or an autoscaling cluster)",
+            max_concurrent,
+            base.num_workers,
+            workers,
+            cpus,
         )
 
 
@@ -132,7 +137,7 @@ def sweep(
     max_concurrent: int,
     grace_period: int = 1,
     reduction_factor: int = 2,
-) -> Path:
+) -> "SweepResult":
     """Run (or restore) the sweep ``<storage>/<name>`` and write its result files.
 
     Raises:
@@ -151,14 +156,14 @@ def sweep(
         {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY},
     )
     if tune.Tuner.can_restore(str(sweep_dir)):
-        print(f"restoring the sweep in {sweep_dir}: finished trials are kept, the rest run")
+        log.info("restoring the sweep in %s: finished trials are kept, the rest run", sweep_dir)
         tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
             param_space=searched,
             tune_config=tune.TuneConfig(
-                metric=SCORE,
+                metric=runs.SCORE,
                 mode="max",
                 num_samples=num_samples,
                 max_concurrent_trials=max_concurrent,
@@ -175,20 +180,32 @@ def sweep(
     return write_results(results, base, sweep_dir)
 
 
-def write_results(results: tune.ResultGrid, base: TrainConfig, sweep_dir: Path) -> Path:
+@dataclass
+class SweepResult:
+    """A finished sweep: its folder, the trials sorted by val Dice, and the winner."""
+
+    sweep_dir: Path
+    table: pd.DataFrame  # trial, the searched values, epochs_run, val Dice, best epoch, error
+    best_trial: str
+    best_score: float
+    best_config: Path  # a config file for the train command
+    best_checkpoint: Path
+
+
+def write_results(results: tune.ResultGrid, base: TrainConfig, sweep_dir: Path) -> SweepResult:
     """results.csv sorted by val Dice, every trial's HParams, the best config and checkpoint."""
     rows = []
     for result in results:
         trial = Path(result.path).name
-        run_dir = sweep_dir / "trials" / trial
-        history = read_history(run_dir)
-        best = history.loc[history[SCORE].idxmax()] if len(history) else None
+        run_dir = runs.trials_dir(sweep_dir) / trial
+        history = runs.read_history(run_dir)
+        best = history.loc[history[runs.SCORE].idxmax()] if len(history) else None
         rows.append(
             {
                 "trial": trial,
                 **result.config,
                 "epochs_run": int(history["epoch"].max()) if best is not None else 0,
-                SCORE: float(best[SCORE]) if best is not None else math.nan,
+                runs.SCORE: float(best[runs.SCORE]) if best is not None else math.nan,
                 "best_epoch": int(best["epoch"]) if best is not None else 0,
                 "run_dir": str(run_dir),
                 "error": " ".join(str(result.error).split()) if result.error else "",
@@ -196,22 +213,25 @@ def write_results(results: tune.ResultGrid, base: TrainConfig, sweep_dir: Path) 
         )
         if best is not None:
             write_hparams(run_dir, result.config, history)
-    table = pd.DataFrame(rows).sort_values(SCORE, ascending=False, na_position="last")
-    table.to_csv(sweep_dir / "results.csv", index=False)
-    print(table.drop(columns=["run_dir"]).to_string(index=False))
+    table = pd.DataFrame(rows).sort_values(runs.SCORE, ascending=False, na_position="last")
     winner = table.iloc[0]
-    if math.isnan(winner[SCORE]):
-        raise SteelsegError(f"{sweep_dir}: no trial finished an epoch; see {sweep_dir}/trials")
+    if math.isnan(winner[runs.SCORE]):
+        table.to_csv(sweep_dir / runs.RESULTS_FILE, index=False)
+        raise SteelsegError(
+            f"{sweep_dir}: no trial finished an epoch; see {runs.trials_dir(sweep_dir)}"
+        )
     params = next(r.config for r in results if Path(r.path).name == winner["trial"])
     best_config = base.replace(**params, name=f"{base.name}-best")
-    (sweep_dir / "best_config.yaml").write_text(yaml.safe_dump(best_config.to_dict()))
-    checkpoint = best_checkpoint(winner["run_dir"])
-    (sweep_dir / "best_checkpoint.txt").write_text(f"{checkpoint}\n")
-    print(f"best trial {winner['trial']}: val Dice {winner[SCORE]:.4f}")
-    print(f"best config:     {sweep_dir / 'best_config.yaml'}")
-    print(f"best checkpoint: {checkpoint}")
-    print(f"tensorboard:     tensorboard --logdir {sweep_dir / 'trials'}")
-    return sweep_dir
+    checkpoint = runs.best_checkpoint(winner["run_dir"])
+    runs.write_sweep_results(sweep_dir, table, best_config, checkpoint)
+    return SweepResult(
+        sweep_dir=sweep_dir,
+        table=table,
+        best_trial=winner["trial"],
+        best_score=float(winner[runs.SCORE]),
+        best_config=runs.best_config_path(sweep_dir),
+        best_checkpoint=checkpoint,
+    )
 
 
 def write_hparams(run_dir: Path, params: dict, history: pd.DataFrame) -> None:
@@ -219,10 +239,10 @@ def write_hparams(run_dir: Path, params: dict, history: pd.DataFrame) -> None:
     on every run of the sweep, so a restored sweep shows each trial once)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    folder = run_dir / "tensorboard" / "hparams"
+    folder = runs.tensorboard_dir(run_dir) / "hparams"
     shutil.rmtree(folder, ignore_errors=True)
     final = {
-        f"hparams/{SCORE}": float(history[SCORE].max()),
+        f"hparams/{runs.SCORE}": float(history[runs.SCORE].max()),
         "hparams/val_loss": float(history["val_loss"].iloc[-1]),
         "hparams/epochs": float(history["epoch"].iloc[-1]),
     }

@@ -4,6 +4,7 @@ import pytest
 from PIL import Image
 
 from steelseg.data import catalog
+from steelseg.domain import CLASS_IDS, HAS_COLUMNS
 from steelseg.errors import SteelsegError
 
 
@@ -20,7 +21,7 @@ def test_real_folder_gives_one_row_per_image_with_defect_free_ones(real_dir):
     table, problems = catalog.scan(real_dir)
     assert problems == []
     assert table["image_id"].tolist() == ["0a1cade03.jpg", "72aaba8ad.jpg", "b2ad335bf.jpg"]
-    assert table[catalog.HAS_COLUMNS].values.tolist() == [
+    assert table[HAS_COLUMNS].values.tolist() == [
         [False, False, False, False],
         [False, False, False, True],
         [False, False, True, False],
@@ -34,7 +35,7 @@ def test_original_format_reads_the_same_table(data_copy):
     rows = pd.read_csv(data_copy / "train.csv")
     lines = ["ImageId_ClassId,EncodedPixels"]
     for image_id in current["image_id"]:
-        for c in catalog.CLASS_IDS:
+        for c in CLASS_IDS:
             hit = rows[(rows.ImageId == image_id) & (rows.ClassId == c)]
             lines.append(f"{image_id}_{c},{hit.EncodedPixels.iloc[0] if len(hit) else ''}")
     (data_copy / "train.csv").write_text("\n".join(lines) + "\n")
@@ -145,8 +146,8 @@ def test_split_is_deterministic_stratified_and_order_free(synth_dir):
 
 def test_parquet_round_trip(synth_dir, tmp_path):
     table, _ = catalog.scan(synth_dir)
-    catalog.save(table, tmp_path / "catalog.parquet")
-    pd.testing.assert_frame_equal(catalog.read(tmp_path / "catalog.parquet"), table)
+    catalog.write_table(table, tmp_path / "catalog.parquet")
+    pd.testing.assert_frame_equal(catalog.read_table(tmp_path / "catalog.parquet"), table)
 
 
 def test_summary_counts(real_dir):

@@ -41,13 +41,6 @@ def test_areas_rescale_to_the_predicted_image_size():
     assert rules.for_size(32, 160) is rules
 
 
-def test_rules_round_trip_through_the_checkpoint_folder(tmp_path):
-    rules = Rules((ClassRule(0.4, 30, 5, 0.8),) + (ClassRule(),) * 3, image_size=(32, 160))
-    postprocess.save(rules, tmp_path, {"kaggle_dice_after": 0.9})
-    assert postprocess.load(tmp_path) == rules
-    assert postprocess.load(tmp_path / "nothing") is None
-
-
 @pytest.mark.parametrize(
     ("data", "message"),
     [
@@ -79,7 +72,7 @@ def test_calibrate_finds_the_threshold_area_and_gate_that_fit_the_truth():
             t[1, 10:30, 100:150] = 1
         probs.append(p)
         truth.append(t)
-    rules, report = postprocess.calibrate(probs, truth)
+    rules, report = postprocess.search_rules(probs, truth)
     first, second = rules.classes[0], rules.classes[1]
     assert 0.6 <= first.threshold < 0.8
     assert second.gate > 0.65 or second.min_area > 16 or second.min_component > 16

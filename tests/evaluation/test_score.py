@@ -18,20 +18,20 @@ def write_submission(path: Path, masks: dict[str, dict[int, str]], names: list[s
 
 
 def test_evaluate_perfect_empty_and_broken_submissions(real_dir, tmp_path, capsys):
-    from steelseg.evaluation.score import evaluate, read_rows
+    from steelseg.evaluation.score import read_rows, score_submission
 
     images = real_dir / "train_images"
     names = catalog.list_images(images)
     rows = read_rows(real_dir / "train.csv")
     truth = {name: {c: row.rle for c, row in by_class.items()} for name, by_class in rows.items()}
-    perfect = evaluate(
+    perfect = score_submission(
         real_dir / "train.csv", images, write_submission(tmp_path / "p.csv", truth, names)
     )
     assert perfect.kaggle_dice == 1.0 and perfect.dice_nonempty == 1.0
     present = [c for c in range(4) if not np.isnan(perfect.presence_recall[c])]
     assert present and all(perfect.presence_recall[c] == 1.0 for c in present)
     assert all(perfect.presence_precision[c] == 1.0 for c in present)
-    empty = evaluate(
+    empty = score_submission(
         real_dir / "train.csv", images, write_submission(tmp_path / "e.csv", {}, names)
     )
     pairs_with_defect = sum(len(v) for k, v in truth.items() if k in names)
@@ -47,11 +47,11 @@ def test_evaluate_perfect_empty_and_broken_submissions(real_dir, tmp_path, capsy
     )
     (tmp_path / "class5.csv").write_text(f"ImageId,EncodedPixels,ClassId\n{names[0]},1 2,5\n")
     with pytest.raises(SteelsegError, match="1 bad row.*class5.csv row 2: ClassId '5'"):
-        evaluate(real_dir / "train.csv", images, tmp_path / "class5.csv")
+        score_submission(real_dir / "train.csv", images, tmp_path / "class5.csv")
     bad = {names[0]: {1: "5 10 3"}}  # an odd number of values
     write_submission(tmp_path / "bad.csv", bad, names)
     with pytest.raises(SteelsegError, match=names[0]):
-        evaluate(real_dir / "train.csv", images, tmp_path / "bad.csv")
+        score_submission(real_dir / "train.csv", images, tmp_path / "bad.csv")
 
 
 def test_evaluate_names_the_truth_file_and_row_of_a_bad_rle(real_dir, tmp_path, capsys):

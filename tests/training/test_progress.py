@@ -1,8 +1,10 @@
-"""The driver's progress output: the epoch line and the in-epoch bar (no Ray)."""
+"""Training progress without Ray: rank 0's sender, and the console's epoch line and in-epoch
+bar."""
 
 import io
 import math
 
+from steelseg.cli.progress import Display, epoch_line
 from steelseg.training import progress
 
 
@@ -20,12 +22,12 @@ def metrics(epoch, **changes):
 
 
 def test_epoch_line_has_losses_scores_speed_and_time_left():
-    line = progress.epoch_line(metrics(3), 8, 125.0)
+    line = epoch_line(metrics(3), 8, 125.0)
     assert line == (
         "epoch 3/8: train loss 0.2500, val loss 0.1250, val Dice 0.8750 (all-empty 0.8125, "
         "defects n/a), 12.3 img/s, ~2m05s left"
     )
-    assert "left" not in progress.epoch_line(metrics(8), 8, 0.0)
+    assert "left" not in epoch_line(metrics(8), 8, 0.0)
 
 
 class FakeQueue:
@@ -49,10 +51,7 @@ def test_sender_sends_first_and_last_batch_and_at_most_twice_a_second():
 
 
 def printer(bar):
-    shown = progress.Printer.__new__(progress.Printer)  # no Ray queue: show() only
-    shown.epochs, shown.stream, shown.bar = 2, io.StringIO(), bar
-    shown.epoch_started, shown.bar_shown = None, False
-    return shown
+    return Display(2, io.StringIO(), bar)
 
 
 def test_printer_draws_a_bar_on_a_terminal_and_replaces_it_by_the_epoch_line():

@@ -46,7 +46,7 @@ def trial_statuses(sweep_dir: Path) -> dict[str, str]:
 def sweep_run(cluster, easy_dir, tmp_path_factory):
     """The sweep job run twice: killed (SIGINT) once two trials have finished, then rerun
     with the same --name. Returns the sweep folder, the state at the interruption and the
-    rerun's output."""
+    rerun's output (printed results, then logged messages)."""
     storage = tmp_path_factory.mktemp("sweeps")
     space = storage / "space.yaml"
     space.write_text(SPACE_FILE)
@@ -59,7 +59,7 @@ def sweep_run(cluster, easy_dir, tmp_path_factory):
         "--val-fraction", "0.25", "--log-images", "0", "--keep-checkpoints", "1", "--seed", "1",
     ]  # fmt: skip
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
-    root = Path(__file__).parents[1]
+    root = Path(__file__).parents[2]
     sweep_dir = storage / "sweep"
     first = subprocess.Popen(argv, cwd=root, env=env, stdout=subprocess.DEVNULL)
     try:
@@ -75,7 +75,7 @@ def sweep_run(cluster, easy_dir, tmp_path_factory):
     at_interruption = trial_statuses(sweep_dir), histories(sweep_dir)
     rerun = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    return sweep_dir, at_interruption, rerun.stdout
+    return sweep_dir, at_interruption, rerun.stdout + rerun.stderr  # results and messages
 
 
 def test_sweep_writes_sorted_results_and_asha_stops_the_poor_trials(sweep_run):

@@ -7,7 +7,7 @@ import torch
 from conftest import ODD_W, small_run
 
 from steelseg.runs import load_checkpoint, read_history
-from steelseg.training.engine import lr_factor
+from steelseg.training.recipe import lr_factor
 
 TRAIN_IMAGES, VAL_IMAGES = 72, 24  # of the 96 images, val_fraction 0.25
 

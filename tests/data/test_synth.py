@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from steelseg.data import catalog, rle, synth
+from steelseg.domain import HAS_COLUMNS
 from steelseg.errors import SteelsegError
 
 
@@ -80,7 +81,7 @@ def test_written_masks_match_make_image(synth_dir):
         _, defects = synth.make_image(spec, index)
         for d in defects:
             np.testing.assert_array_equal(rle.decode(row[f"rle_{d.class_id}"], 64, 320), d.mask)
-        assert sum(row[catalog.HAS_COLUMNS]) == len(defects)
+        assert sum(row[HAS_COLUMNS]) == len(defects)
 
 
 def test_second_modality_sees_defects_the_visible_one_hides(tmp_path):

@@ -13,8 +13,9 @@ import torch
 from conftest import ODD_H, ODD_W
 from PIL import Image
 
+from steelseg import runs
 from steelseg.cli import main as steelseg
-from steelseg.data import catalog, rle
+from steelseg.data import rle
 from steelseg.errors import SteelsegError
 from steelseg.inference import postprocess
 
@@ -29,7 +30,7 @@ def run_dir(trained_run) -> Path:
 @pytest.fixture(scope="module")
 def val_images(run_dir, tmp_path_factory) -> Path:
     """The run's validation images alone in a folder."""
-    split = catalog.read(run_dir / "split.parquet")
+    split = runs.read_split(run_dir)
     folder = tmp_path_factory.mktemp("val") / "images"
     folder.mkdir()
     for path in split.loc[split["split"] == "val", "path"]:
@@ -45,7 +46,6 @@ def test_predict_and_evaluate_agree_with_the_runs_validation_score(
     run_dir, val_images, four_class_dir, tmp_path, capsys
 ):
     from ray_jobs.predict import main as predict
-    from steelseg.runs import best_checkpoint, read_history
 
     out = submission_path(tmp_path)
     argv = ["--images", str(val_images), "--out", str(out), "--no-progress", "--uncalibrated"]
@@ -62,8 +62,8 @@ def test_predict_and_evaluate_agree_with_the_runs_validation_score(
                      "--submission", str(out), "--json"])  # fmt: skip
     assert code == 0
     scores = json.loads(capsys.readouterr().out)
-    history = read_history(run_dir).set_index("epoch")
-    best_epoch = int(best_checkpoint(run_dir).name.split("_")[1])
+    history = runs.read_history(run_dir).set_index("epoch")
+    best_epoch = int(runs.best_checkpoint(run_dir).name.split("_")[1])
     expected = history.loc[best_epoch]
     # the same model, images (padded alike) and threshold as the run's validation at that epoch
     assert scores["kaggle_dice"] == pytest.approx(expected["val_kaggle_dice"], abs=0.01)
@@ -71,30 +71,38 @@ def test_predict_and_evaluate_agree_with_the_runs_validation_score(
     assert scores["kaggle_dice"] > scores["empty_baseline"]
 
 
-def test_calibrate_stores_rules_and_predict_applies_them(
-    run_dir, val_images, four_class_dir, tmp_path, capsys
-):
-    from steelseg.evaluation.score import evaluate
-    from steelseg.inference.predict import predict, resolve_checkpoint
+def predict_to(out: Path, *args, **kwargs) -> pd.DataFrame:
+    """``predict``, with the table written to ``out`` as the predict command does."""
+    from steelseg.inference.predict import predict, write_submission
 
-    checkpoint = resolve_checkpoint(run_dir)
+    submission = predict(*args, **kwargs)
+    write_submission(submission, out)
+    return submission
+
+
+def test_calibrate_stores_rules_and_predict_applies_them(
+    run_dir, val_images, four_class_dir, tmp_path, capsys, steelseg_log
+):
+    from steelseg.evaluation.score import score_submission
+
+    checkpoint = runs.resolve_checkpoint(run_dir)
     assert steelseg(["calibrate", str(run_dir), "--batch-size", "4"]) == 0
     out = capsys.readouterr().out
     assert "Kaggle Dice" in out and "all-empty baseline" in out
-    rules = postprocess.load(checkpoint)
-    report = json.loads((checkpoint / postprocess.RULES_FILE).read_text())["calibration"]
+    rules = runs.load_rules(checkpoint)
+    report = runs.read_calibration(checkpoint)
     assert rules is not None and rules.image_size == (ODD_H, ODD_W)
     assert report["images"] == VAL_IMAGES
 
-    calibrated = predict(checkpoint, val_images, submission_path(tmp_path), progress=False)
-    assert "calibrated rules" in capsys.readouterr().out and len(calibrated) == 4 * VAL_IMAGES
-    scores = evaluate(four_class_dir / "train.csv", val_images, submission_path(tmp_path))
+    calibrated = predict_to(submission_path(tmp_path), checkpoint, val_images, progress=False)
+    assert "calibrated rules" in "\n".join(steelseg_log) and len(calibrated) == 4 * VAL_IMAGES
+    scores = score_submission(four_class_dir / "train.csv", val_images, submission_path(tmp_path))
     # evaluate on the validation images reproduces what calibrate measured on them
     assert scores.kaggle_dice == pytest.approx(report["kaggle_dice_after"], abs=0.01)
 
     # stored rules steer prediction: a minimum area above the image's drops the class
-    unsteered = predict(
-        checkpoint, val_images, tmp_path / "plain.csv", calibrated=False, progress=False
+    unsteered = predict_to(
+        tmp_path / "plain.csv", checkpoint, val_images, calibrated=False, progress=False
     )
     found = unsteered[unsteered["EncodedPixels"] != ""]["ClassId"].unique().tolist()
     assert found, "the run finds nothing on its validation images"
@@ -104,8 +112,8 @@ def test_calibrate_stores_rules_and_predict_applies_them(
         dataclasses.replace(rule, min_area=ODD_H * ODD_W + 1) if c + 1 == dropped else rule
         for c, rule in enumerate(plain)
     ]
-    postprocess.save(postprocess.Rules(tuple(planted), (ODD_H, ODD_W)), checkpoint)
-    steered = predict(checkpoint, val_images, tmp_path / "steered.csv", progress=False)
+    runs.save_rules(checkpoint, postprocess.Rules(tuple(planted), (ODD_H, ODD_W)))
+    steered = predict_to(tmp_path / "steered.csv", checkpoint, val_images, progress=False)
     dropped_rows = steered["ClassId"] == dropped
     assert (steered.loc[dropped_rows, "EncodedPixels"] == "").all()
     pd.testing.assert_frame_equal(steered[~dropped_rows], unsteered[~dropped_rows])
@@ -121,18 +129,16 @@ def bar_image(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(image.astype(np.uint8)[..., None], 3, axis=2), mask
 
 
-def test_real_size_images_are_predicted_at_full_size(run_dir, real_dir, tmp_path, capsys):
-    from steelseg.inference.predict import predict
-
+def test_real_size_images_are_predicted_at_full_size(run_dir, real_dir, tmp_path, steelseg_log):
     folder = tmp_path / "images"
     shutil.copytree(real_dir / "train_images", folder)
     rgb, bar = bar_image(256, 1600)
     Image.fromarray(rgb).save(folder / "bar.jpg", quality=95)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     out = submission_path(tmp_path)
-    submission = predict(run_dir, folder, out, progress=False, calibrated=False)
-    err = capsys.readouterr().err
-    assert "broken.jpg" in err and "warning" in err
+    submission = predict_to(out, run_dir, folder, progress=False, calibrated=False)
+    warnings = [line for line in steelseg_log if line.startswith("warning:")]
+    assert len(warnings) == 1 and "broken.jpg" in warnings[0]
     assert len(submission) == 4 * 5
     assert (submission.loc[submission["ImageId"] == "broken.jpg", "EncodedPixels"] == "").all()
     for encoded in submission["EncodedPixels"]:
@@ -145,15 +151,17 @@ def test_real_size_images_are_predicted_at_full_size(run_dir, real_dir, tmp_path
 
 
 def test_strict_prediction_with_tta_writes_nothing_for_an_unreadable_image(
-    run_dir, val_images, tmp_path
+    run_dir, val_images, tmp_path, capsys
 ):
-    from steelseg.inference.predict import predict
-
     folder = Path(shutil.copytree(val_images, tmp_path / "images"))
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    with pytest.raises(SteelsegError, match="1 unreadable image.*broken.jpg"):
-        predict(run_dir, folder, tmp_path / "strict.csv", strict=True, tta=True, progress=False)
-    assert not (tmp_path / "strict.csv").exists()
+    out = tmp_path / "strict.csv"
+    code = steelseg(["predict", "--checkpoint", str(run_dir), "--images", str(folder),
+                     "--out", str(out), "--strict", "--tta", "--no-progress"])  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("steelseg: error: 1 unreadable image") and "broken.jpg" in err[-1]
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(("height", "width"), [(64, 96), (50, 70)])
@@ -175,8 +183,7 @@ def test_tta_is_the_mean_of_the_flipped_predictions_flipped_back(height, width):
 
 
 def test_checkpoint_paths_a_run_a_sweep_and_errors(run_dir, tmp_path):
-    from steelseg.inference.predict import resolve_checkpoint
-    from steelseg.runs import best_checkpoint
+    from steelseg.runs import best_checkpoint, resolve_checkpoint
 
     best = best_checkpoint(run_dir)
     assert resolve_checkpoint(best) == best
@@ -190,9 +197,7 @@ def test_checkpoint_paths_a_run_a_sweep_and_errors(run_dir, tmp_path):
 
 
 def test_figures_are_written_and_show_the_masks(run_dir, val_images, four_class_dir, tmp_path):
-    from steelseg.inference.predict import predict
-
-    predict(run_dir, val_images, tmp_path / "sub.csv", progress=False)
+    predict_to(tmp_path / "sub.csv", run_dir, val_images, progress=False)
     out = tmp_path / "figures"
     code = steelseg(["figures", str(out), "--data", str(four_class_dir), "--run", str(run_dir),
                      "--submission", str(tmp_path / "sub.csv"), "--count", "2"])  # fmt: skip

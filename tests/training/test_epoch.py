@@ -8,7 +8,8 @@ from torch import nn
 
 from steelseg.config import TrainConfig
 from steelseg.data.pipeline import pack_bits
-from steelseg.training import engine
+from steelseg.model import inputs
+from steelseg.training import epoch, recipe
 
 
 class Constant(nn.Module):
@@ -33,10 +34,10 @@ def uint8_batch(n, height, width, seed=0, bits=None):
 
 def test_forward_padded_crops_back_to_the_image_and_matches_the_padded_model():
     torch.manual_seed(0)
-    model = engine.build_model(TrainConfig()).eval()
+    model = recipe.build_model(TrainConfig()).eval()
     x = torch.randn(2, 3, 40, 170)
     with torch.no_grad():
-        out = engine.forward_padded(model, x)
+        out = inputs.forward_padded(model, x)
         padded = model(torch.nn.functional.pad(x, (0, 22, 0, 24), mode="replicate"))
     assert out.shape == (2, 4, 40, 170)
     torch.testing.assert_close(out, padded[..., :40, :170])
@@ -48,8 +49,10 @@ def test_evaluate_scores_only_the_unpadded_pixels_of_odd_sized_images():
     truth[0, :, :] = 0b0100  # class 3 everywhere on the first image
     model = Constant([-9.0, -9.0, 9.0, -9.0])  # predicts class 3 everywhere
     batch = uint8_batch(2, height, width, bits=truth)
-    loss_fn = engine.build_loss(TrainConfig())
-    _, seen, counts, samples = engine.evaluate(model, [batch], loss_fn, torch.device("cpu"), keep=1)
+    loss_fn = recipe.build_loss(TrainConfig())
+    _, seen, counts, samples = epoch.validate_one_epoch(
+        model, [batch], loss_fn, torch.device("cpu"), keep=1
+    )
     assert seen == 2
     scores = counts.compute()
     # image 1 class 3 is perfect, image 2 class 3 is a false positive, classes 1,2,4 are right
@@ -60,13 +63,13 @@ def test_evaluate_scores_only_the_unpadded_pixels_of_odd_sized_images():
 
 def test_train_one_epoch_on_odd_sized_images_steps_the_optimizer():
     torch.manual_seed(0)
-    model = engine.build_model(TrainConfig())
+    model = recipe.build_model(TrainConfig())
     config = TrainConfig(warmup_steps=1)
-    optimizer = engine.build_optimizer(config, model)
-    scheduler = engine.build_scheduler(config, optimizer, 10)
+    optimizer = recipe.build_optimizer(config, model)
+    scheduler = recipe.build_scheduler(config, optimizer, 10)
     before = model.conv_last.weight.detach().clone()
-    total, seen = engine.train_one_epoch(
-        model, [uint8_batch(2, 40, 170)], engine.build_loss(config), optimizer, scheduler,
+    total, seen = epoch.train_one_epoch(
+        model, [uint8_batch(2, 40, 170)], recipe.build_loss(config), optimizer, scheduler,
         torch.device("cpu"),
     )  # fmt: skip
     assert seen == 2 and np.isfinite(total)
@@ -97,7 +100,7 @@ def sgd_after(grad_accum):
     def loss_fn(logits, target):
         return (logits[:, 0] * target[:, 0]).mean()
 
-    engine.train_one_epoch(
+    epoch.train_one_epoch(
         model, batches, loss_fn, optimizer, scheduler, torch.device("cpu"), grad_accum=grad_accum
     )
     return model.w.item()
@@ -111,12 +114,12 @@ def test_gradient_accumulation_averages_every_group_and_the_last_partial_one():
 
 
 def test_lr_factor_warms_up_linearly_then_decays_by_cosine_to_the_floor():
-    assert engine.lr_factor(0, 4, 20) == pytest.approx(0.25)
-    assert engine.lr_factor(3, 4, 20) == pytest.approx(1.0)
-    assert engine.lr_factor(4, 4, 20) == pytest.approx(1.0)
-    assert engine.lr_factor(12, 4, 20) == pytest.approx(0.01 + 0.99 * 0.5)
-    assert engine.lr_factor(20, 4, 20) == pytest.approx(0.01)
-    assert engine.lr_factor(50, 4, 20) == pytest.approx(0.01)
+    assert recipe.lr_factor(0, 4, 20) == pytest.approx(0.25)
+    assert recipe.lr_factor(3, 4, 20) == pytest.approx(1.0)
+    assert recipe.lr_factor(4, 4, 20) == pytest.approx(1.0)
+    assert recipe.lr_factor(12, 4, 20) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert recipe.lr_factor(20, 4, 20) == pytest.approx(0.01)
+    assert recipe.lr_factor(50, 4, 20) == pytest.approx(0.01)
 
 
 def test_class_bits_pack_and_unpack_every_combination():
@@ -126,6 +129,6 @@ def test_class_bits_pack_and_unpack_every_combination():
             masks[c, value // 8, value % 8] = (value >> c) & 1
     bits = pack_bits(masks)
     assert bits.reshape(-1).tolist() == list(range(16))
-    unpacked = engine.unpack_masks(torch.from_numpy(bits)[None])
+    unpacked = inputs.unpack_masks(torch.from_numpy(bits)[None])
     assert unpacked.dtype == torch.float32
     np.testing.assert_array_equal(unpacked[0].numpy(), masks)

@@ -1,0 +1,118 @@
+"""Inference commands: ``predict`` writes a Kaggle submission with Ray Data, ``calibrate``
+searches the post-processing rules on a run's validation split."""
+
+import argparse
+
+from steelseg.cli.command import Command
+
+PREDICT_DESCRIPTION = """\
+Predict defect masks for a folder of images into a Kaggle submission, with Ray Data.
+
+    steelseg predict --checkpoint ~/steelseg_runs/demo --images DIR --out submission.csv
+    ray job submit --working-dir . -- python -m ray_jobs.predict --checkpoint /shared/runs/sweep1 \\
+        --images /data/severstal/test_images --out /shared/submission.csv --actors 4 --tta
+
+--checkpoint is a checkpoint folder, a training run (its best checkpoint) or a Tune sweep (its
+best trial's). Post-processing is the checkpoint's calibrated rules (`steelseg calibrate`) when it
+has them, else --threshold. Each image is predicted at its full size, whatever the training crop.
+"""
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def use_gpu_argument(p: argparse.ArgumentParser, default_help: str) -> None:
+    p.add_argument(
+        "--use-gpu", action=argparse.BooleanOptionalAction, default=None, help=default_help
+    )
+
+
+def predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint, run or sweep folder")
+    p.add_argument("--images", required=True, help="folder of .jpg images to predict")
+    p.add_argument("--out", default="submission.csv", help="CSV to write (submission.csv)")
+    p.add_argument("--batch-size", type=positive, default=8, help="images per batch (default 8)")
+    p.add_argument("--actors", type=positive, default=1, help="model replicas (default 1)")
+    p.add_argument("--tta", action="store_true", help="average over horizontal/vertical flips")
+    use_gpu_argument(p, "one GPU per actor (default: when the cluster has GPUs)")
+    p.add_argument(
+        "--uncalibrated", action="store_true", help="ignore the calibrated rules; use --threshold"
+    )
+    p.add_argument("--threshold", type=float, default=0.5, help="without calibration (0.5)")
+    p.add_argument(
+        "--strict", action="store_true", help="an unreadable image is an error (default: reported)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def predict(args: argparse.Namespace) -> int:
+    from steelseg.inference.predict import predict, write_submission
+
+    submission = predict(
+        args.checkpoint,
+        args.images,
+        batch_size=args.batch_size,
+        actors=args.actors,
+        tta=args.tta,
+        use_gpu=args.use_gpu,
+        calibrated=not args.uncalibrated,
+        threshold=args.threshold,
+        strict=args.strict,
+        progress=not args.no_progress,
+    )
+    out = write_submission(submission, args.out)
+    images = submission["ImageId"].nunique()
+    found = int((submission["EncodedPixels"] != "").sum())
+    print(f"wrote {out}: {images} images, {found} class masks found")
+    return 0
+
+
+def calibrate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint folder, training run or Tune sweep")
+    p.add_argument(
+        "--batch-size", type=positive, default=8, help="images per forward pass (default 8)"
+    )
+    p.add_argument("--tta", action="store_true", help="average over flips, as predict --tta")
+    use_gpu_argument(p, "run on CUDA (default: when there is one)")
+
+
+def calibrate(args: argparse.Namespace) -> int:
+    from steelseg import runs
+    from steelseg.inference.calibrate import calibrate
+
+    rules, report, folder = calibrate(
+        args.checkpoint, batch_size=args.batch_size, tta=args.tta, use_gpu=args.use_gpu
+    )
+    print(f"calibrated on {report['images']} validation images of {folder.parent.name}")
+    print("class  threshold  min_area  min_component  gate   Dice before  after")
+    for c, rule in enumerate(rules.classes):
+        print(
+            f"{c + 1:>5}  {rule.threshold:9.2f}  {rule.min_area:8d}  {rule.min_component:13d}  "
+            f"{rule.gate:4.2f}   {report['dice_per_class_before'][c]:.4f}       "
+            f"{report['dice_per_class_after'][c]:.4f}"
+        )
+    print(
+        f"Kaggle Dice {report['kaggle_dice_before']:.4f} -> {report['kaggle_dice_after']:.4f} "
+        f"(all-empty baseline {report['empty_baseline']:.4f}); "
+        f"saved {folder / runs.RULES_FILE}"
+    )
+    return 0
+
+
+PREDICT = Command(
+    "predict",
+    "predict a folder of images into a Kaggle submission (Ray Data)",
+    predict_arguments,
+    predict,
+    PREDICT_DESCRIPTION,
+)
+CALIBRATE = Command(
+    "calibrate",
+    "search per-class post-processing on a run's validation split",
+    calibrate_arguments,
+    calibrate,
+)

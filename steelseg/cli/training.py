@@ -1,0 +1,119 @@
+"""Training commands: ``train`` runs (or resumes) a training run on Ray, ``tune`` a sweep."""
+
+import argparse
+import sys
+
+from steelseg import config as run_config
+from steelseg.cli.command import Command
+
+TRAIN_DESCRIPTION = """\
+Train the steel-defect U-Net on Ray: locally, or on a cluster under `ray job submit`.
+
+    steelseg train                                # zero set-up demo on synthetic data
+    steelseg train --data /data/severstal --storage /shared/runs --name r1 \\
+        --num-workers 8 --use-gpu --crop-height 256 --crop-width 512
+    ray job submit --working-dir . -- python ray_jobs/train.py --config run.yaml
+
+Rerunning with the same --storage and --name resumes the run from its latest checkpoint.
+"""
+
+TUNE_DESCRIPTION = """\
+Search learning rate and loss weights (or any config field) with Ray Tune and ASHA.
+
+    steelseg tune --data /data/severstal --storage /shared/runs --name sweep1 \\
+        --num-samples 16 --max-concurrent-trials 2 --num-workers 2 --use-gpu --max-epochs 20
+    steelseg tune --search-space space.yaml ...   # e.g. {lr: {loguniform: [1e-4, 1e-2]}}
+
+Every training flag sets the base config of all trials. Rerunning with the same --storage and
+--name restores an interrupted sweep without rerunning finished trials.
+"""
+
+
+def train(args: argparse.Namespace) -> int:
+    from steelseg.cli.progress import Display
+    from steelseg.training.fit import fit
+
+    config = run_config.from_args(args)
+    display = Display(config.epochs)
+    result = fit(config, on_progress=display.show, verbose=args.verbose)
+    display.finish()
+    if result.error:
+        reason = " ".join(str(result.error).split())
+        print(f"steelseg: error: training failed: {reason}", file=sys.stderr)
+        return 1
+    run_dir, metrics = result.run_dir, result.metrics
+    if metrics:
+        print(
+            f"finished epoch {metrics['epoch']}: val Dice {metrics['val_kaggle_dice']:.4f} "
+            f"(all-empty baseline {metrics['val_empty_baseline']:.4f})"
+        )
+    print(f"run:         {run_dir}")
+    print(f"best:        {result.best_checkpoint} (best val Dice)")
+    print("next:")
+    print(f"  steelseg calibrate {run_dir}")
+    print(f"  steelseg predict --checkpoint {run_dir} --images IMAGES --out sub.csv")
+    print(f"  steelseg figures figures/ --run {run_dir}")
+    print(f"  tensorboard --logdir {run_dir / 'tensorboard'}")
+    return 0
+
+
+def tune_arguments(p: argparse.ArgumentParser) -> None:
+    from steelseg.training.sweep import DEFAULT_SPACE
+
+    sweep = p.add_argument_group("sweep")
+    sweep.add_argument(
+        "--search-space",
+        help=f"YAML file: config key -> {{sampler: [args]}} (default: {DEFAULT_SPACE})",
+    )
+    sweep.add_argument("--num-samples", type=int, default=8, help="trials (default: 8)")
+    sweep.add_argument(
+        "--max-concurrent-trials", type=int, default=1, help="trials at once (default: 1)"
+    )
+    sweep.add_argument(
+        "--max-epochs",
+        type=int,
+        default=0,
+        help="epochs of a trial that ASHA never stops (default: --epochs)",
+    )
+    sweep.add_argument(
+        "--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial (1)"
+    )
+    sweep.add_argument(
+        "--reduction-factor", type=int, default=2, help="ASHA keeps 1 in this many per rung (2)"
+    )
+    run_config.add_arguments(p)
+
+
+def tune(args: argparse.Namespace) -> int:
+    from steelseg.training import sweep
+
+    base = run_config.from_args(args)
+    if args.max_epochs:
+        base = base.replace(epochs=args.max_epochs)
+    space = sweep.read_space_file(args.search_space) if args.search_space else sweep.DEFAULT_SPACE
+    result = sweep.sweep(
+        base,
+        space,
+        num_samples=args.num_samples,
+        max_concurrent=args.max_concurrent_trials,
+        grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor,
+    )
+    print(result.table.drop(columns=["run_dir"]).to_string(index=False))
+    print(f"best trial {result.best_trial}: val Dice {result.best_score:.4f}")
+    print(f"best config:     {result.best_config}")
+    print(f"best checkpoint: {result.best_checkpoint}")
+    print(f"tensorboard:     tensorboard --logdir {result.sweep_dir / 'trials'}")
+    return 0
+
+
+TRAIN = Command(
+    "train",
+    "train (or resume) a model on Ray: the demo with no arguments",
+    run_config.add_arguments,
+    train,
+    TRAIN_DESCRIPTION,
+)
+TUNE = Command(
+    "tune", "search the config with Ray Tune and ASHA", tune_arguments, tune, TUNE_DESCRIPTION
+)

@@ -1,0 +1,94 @@
+"""One training epoch and one validation pass, free of Ray: the Ray Train worker loop, the recipe
+benchmark and the bare-step benchmark all run these same functions."""
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from steelseg.domain import N_CLASSES
+from steelseg.evaluation.metrics import DiceCounts
+from steelseg.model.inputs import autocast, forward_padded, to_inputs
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+    *,
+    amp: bool = False,
+    grad_accum: int = 1,
+    on_step: Callable[[int, float, int], None] | None = None,
+) -> tuple[float, int]:
+    """One pass over ``batches``; returns (sum of per-image loss, images seen).
+
+    ``on_step(batch_index, loss, batch_images)`` is called after every batch. The optimizer steps
+    every ``grad_accum`` batches and once more at the end for a remainder, whose gradient is the
+    mean over its own batches.
+    """
+    model.train()
+    total, seen, pending = 0.0, 0, 0
+    for i, batch in enumerate(batches):
+        x, y = to_inputs(batch, device, channels_last=amp and device.type == "cuda")
+        with autocast(device, amp):
+            logits = forward_padded(model, x)
+        loss = loss_fn(logits, y)
+        # scale so accumulated gradients average over the accumulated batches
+        (loss / grad_accum).backward()
+        pending += 1
+        if pending == grad_accum:
+            _step(optimizer, scheduler)
+            pending = 0
+        value = loss.item()
+        total += value * x.shape[0]
+        seen += x.shape[0]
+        if on_step:
+            on_step(i, value, x.shape[0])
+    if pending:
+        _rescale_gradients(model, grad_accum / pending)
+        _step(optimizer, scheduler)
+    return total, seen
+
+
+def _rescale_gradients(model: nn.Module, factor: float) -> None:
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(factor)
+
+
+def _step(optimizer, scheduler) -> None:
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+
+
+@torch.no_grad()
+def validate_one_epoch(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    loss_fn: nn.Module,
+    device: torch.device,
+    *,
+    threshold: float = 0.5,
+    amp: bool = False,
+    keep: int = 0,
+) -> tuple[float, int, DiceCounts, list[tuple[torch.Tensor, ...]]]:
+    """Loss sum, images, Dice counts (not yet all-reduced) and up to ``keep`` (image, truth,
+    prediction) samples for figures."""
+    model.eval()
+    counts = DiceCounts(N_CLASSES, device)
+    total, seen, samples = 0.0, 0, []
+    for batch in batches:
+        x, y = to_inputs(batch, device, channels_last=amp and device.type == "cuda")
+        with autocast(device, amp):
+            logits = forward_padded(model, x)
+        total += loss_fn(logits, y).item() * x.shape[0]
+        seen += x.shape[0]
+        pred = torch.sigmoid(logits.float()) > threshold
+        counts.update(pred, y.bool())
+        for k in range(min(keep - len(samples), x.shape[0])):
+            samples.append((batch["image"][k].cpu(), y[k].cpu(), pred[k].cpu()))
+    return total, seen, counts, samples

@@ -1,0 +1,237 @@
+"""The Ray Train worker loop, in named phases: set up and restore -> train an epoch -> validate ->
+epoch metrics -> save. Every rank runs it; only rank 0 writes TensorBoard logs, the history and
+checkpoint files, and every rank calls ``ray.train.report`` once per epoch.
+"""
+
+import contextlib
+import os
+import resource
+import tempfile
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from steelseg import runs
+from steelseg.config import TrainConfig
+from steelseg.evaluation.figures import truth_vs_prediction
+from steelseg.evaluation.metrics import DiceCounts
+from steelseg.training import progress, recipe
+from steelseg.training.epoch import train_one_epoch, validate_one_epoch
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """The function Ray Train runs on every worker (``TorchTrainer``'s ``train_loop_per_worker``).
+
+    ``loop_config``: ``config`` (a ``TrainConfig`` as a dict), ``steps_per_epoch`` and
+    ``batches_per_epoch`` on every rank, and ``progress``, the driver's queue or None.
+    """
+    Worker(loop_config).run()
+
+
+class Worker:
+    """One rank's state across epochs."""
+
+    def __init__(self, loop_config: dict):
+        self.config = config = TrainConfig.from_dict(loop_config["config"])
+        self.steps = loop_config["steps_per_epoch"]
+        self.batches = loop_config["batches_per_epoch"]
+        self.rank = ray.train.get_context().get_world_rank()
+        self.device = ray.train.torch.get_device()
+        self.amp = config.amp and self.device.type == "cuda"
+        self.sender = progress.Sender(loop_config.get("progress") if self.rank == 0 else None)
+        self._set_up()
+        self.start_epoch, self.global_step = self._restore()
+        self.model = ray.train.torch.prepare_model(self.bare)
+        self.writer = self._tensorboard() if self.rank == 0 else None
+        if self.rank == 0:
+            runs.trim_history(config.run_dir, self.start_epoch)
+        self.nodes, self.pids = gather_workers()
+
+    def run(self) -> None:
+        for epoch in range(self.start_epoch, self.config.epochs):
+            started = time.perf_counter()
+            train_sum, train_n = self._train_epoch(epoch)
+            train_seconds = time.perf_counter() - started
+            val_sum, val_n, counts, samples = self._validate_epoch()
+            metrics = self._epoch_metrics(
+                epoch, [train_sum, train_n, val_sum, val_n], counts, train_seconds
+            )
+            self._save(epoch, metrics, samples)
+        if self.writer:
+            self.writer.close()
+
+    def _set_up(self) -> None:
+        config = self.config
+        torch.manual_seed(config.seed)
+        self.bare = recipe.build_model(config)
+        if self.amp:
+            self.bare = self.bare.to(memory_format=torch.channels_last)
+        self.optimizer = recipe.build_optimizer(config, self.bare)
+        self.scheduler = recipe.build_scheduler(config, self.optimizer, self.steps * config.epochs)
+        self.loss_fn = recipe.build_loss(config).to(self.device)
+
+    def _restore(self) -> tuple[int, int]:
+        """Load the latest checkpoint of this run, if any; returns (next epoch, global step)."""
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return 0, 0
+        with checkpoint.as_directory() as folder:
+            state = runs.read_state(folder)
+        self.bare.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        return state["epoch"], state["global_step"]
+
+    def _train_epoch(self, epoch: int) -> tuple[float, int]:
+        config = self.config
+        batches = ray.train.get_dataset_shard("train").iter_torch_batches(
+            batch_size=config.batch_size
+        )
+        first_step = self.global_step
+
+        def on_step(i: int, loss: float, n: int) -> None:
+            if self.writer:
+                self.writer.add_scalar("train/loss_step", loss, first_step + i)
+            self.sender.step(epoch + 1, i + 1, self.batches, loss)
+
+        loss_sum, seen = train_one_epoch(
+            self.model,
+            batches,
+            self.loss_fn,
+            self.optimizer,
+            self.scheduler,
+            self.device,
+            amp=self.amp,
+            grad_accum=config.grad_accum,
+            on_step=on_step,
+        )
+        self.global_step += -(-seen // config.batch_size)
+        return loss_sum, seen
+
+    def _validate_epoch(self) -> tuple[float, int, DiceCounts, list]:
+        batches = ray.train.get_dataset_shard("val").iter_torch_batches(
+            batch_size=self.config.batch_size
+        )
+        return validate_one_epoch(
+            self.bare,
+            batches,
+            self.loss_fn,
+            self.device,
+            threshold=self.config.threshold,
+            amp=self.amp,
+            keep=self.config.log_images if self.rank == 0 else 0,
+        )
+
+    def _epoch_metrics(
+        self, epoch: int, sums: list[float], counts: DiceCounts, train_seconds: float
+    ) -> dict:
+        """The epoch's metrics over all ranks: losses and Dice from summed counts."""
+        counts.all_reduce()
+        train_sum, train_n, val_sum, val_n = all_reduce_sums(sums, self.device)
+        return {
+            "epoch": epoch + 1,
+            "train_loss": train_sum / max(train_n, 1),
+            "val_loss": val_sum / max(val_n, 1),
+            "train_images": int(train_n),
+            "val_images": int(val_n),
+            "lr": self.scheduler.get_last_lr()[0],
+            "optimizer_steps": self.scheduler.last_epoch,  # since the run began, resumes included
+            "resumed_from_epoch": self.start_epoch,  # 0 unless this attempt restored a checkpoint
+            "images_per_s": train_n / train_seconds,  # training pass, all workers
+            "nodes": self.nodes,
+            "worker_pids": self.pids,
+            **peak_memory(self.device),
+            **counts.compute().as_dict("val_"),
+        }
+
+    def _save(self, epoch: int, metrics: dict, samples: list) -> None:
+        """Rank 0 logs the epoch and writes the checkpoint; every rank reports."""
+        state = None
+        if self.rank == 0:
+            log_epoch(self.writer, metrics, samples, self.global_step)
+            runs.append_history(self.config.run_dir, metrics)
+            self.sender.epoch(metrics)
+            state = {
+                "model": self.bare.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": None,  # bf16 autocast needs no GradScaler
+                "epoch": epoch + 1,
+                "global_step": self.global_step,
+                "config": self.config.to_dict(),
+                "metrics": metrics,
+            }
+        with staged_checkpoint(state) as checkpoint:
+            ray.train.report(
+                metrics, checkpoint=checkpoint, checkpoint_dir_name=runs.checkpoint_name(epoch + 1)
+            )
+
+    def _tensorboard(self):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step drops events a crashed attempt wrote past the checkpoint we resume from;
+        # the checkpointed epoch's own curves were logged at its last step, so they stay
+        purge = self.global_step + 1 if self.global_step else None
+        return SummaryWriter(str(runs.tensorboard_dir(self.config.run_dir)), purge_step=purge)
+
+
+@contextlib.contextmanager
+def staged_checkpoint(state: dict | None) -> Iterator[ray.train.Checkpoint | None]:
+    """A checkpoint of ``state`` in a local folder that lives until the report has copied it
+    to storage (a synchronous upload), then is deleted: a checkpoint holds ~200 MB."""
+    if state is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="steelseg-ckpt-") as folder:
+        runs.write_state(folder, state)
+        yield ray.train.Checkpoint.from_directory(folder)
+
+
+def all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
+    sums = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    return sums.tolist()
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak resident memory of the worker processes (and GPU memory), the largest over ranks."""
+    peaks = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20]
+    if device.type == "cuda":
+        peaks.append(torch.cuda.max_memory_allocated(device) / 2**30)
+    values = torch.tensor(peaks, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    names = ["peak_worker_rss_gib", "peak_gpu_memory_gib"]
+    return dict(zip(names, values.tolist()))
+
+
+def gather_workers() -> tuple[int, list[int]]:
+    """Distinct nodes among the ranks and each rank's process id (every rank takes part)."""
+    me = (ray.get_runtime_context().get_node_id(), os.getpid())
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1, [me[1]]
+    workers = [None] * dist.get_world_size()
+    dist.all_gather_object(workers, me)
+    return len({node for node, _ in workers}), [pid for _, pid in workers]
+
+
+def log_epoch(writer, metrics: dict, samples: list, step: int) -> None:
+    """Epoch-level curves on the same step axis as the per-step loss."""
+    writer.add_scalar("loss/train", metrics["train_loss"], step)
+    writer.add_scalar("loss/val", metrics["val_loss"], step)
+    writer.add_scalar("lr", metrics["lr"], step)
+    writer.add_scalar("epoch", metrics["epoch"], step)
+    for key, value in metrics.items():
+        if key.startswith("val_") and key != "val_loss" and np.isfinite(value):
+            writer.add_scalar(f"val/{key.removeprefix('val_')}", value, step)
+    if samples:
+        figure = truth_vs_prediction([(i.numpy(), t.numpy(), p.numpy()) for i, t, p in samples])
+        writer.add_image("val/truth_vs_prediction", figure, step, dataformats="HWC")
+    writer.flush()

@@ -1,0 +1,52 @@
+"""The recipe's parts, built from a run's config: the model (with its initialisation and encoder
+weights), the loss, AdamW and the warm-up + cosine learning-rate schedule."""
+
+import math
+
+import torch
+from torch import nn
+
+from steelseg.config import TrainConfig
+from steelseg.data.images import in_channels
+from steelseg.domain import N_CLASSES
+from steelseg.model.losses import DiceBCELoss
+from steelseg.model.pretrained import load_encoder
+from steelseg.model.unet import UNet, init_weights
+
+
+def build_model(config: TrainConfig) -> UNet:
+    model = UNet(N_CLASSES, in_channels(config.modalities))
+    init_weights(model, config.head_prior)
+    load_encoder(model, config.pretrained)
+    return model
+
+
+def build_loss(config: TrainConfig) -> DiceBCELoss:
+    return DiceBCELoss(config.bce_weight, config.dice_weight, pos_weight=config.pos_weight)
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, floor: float = 0.01) -> float:
+    """Linear warm-up to 1, then cosine decay to ``floor`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, config.warmup_steps, total_steps)
+    )
