@@ -23,6 +23,7 @@ import yaml
 from steelseg.domain import ENCODER_STRIDE, N_CLASSES
 from steelseg.errors import SteelsegError
 from steelseg.paths import local_path
+from steelseg.storage import Location, check_uri, locate
 
 GROUPS = {
     "data": "the data set and its pipelines (Ray Data)",
@@ -48,7 +49,9 @@ class TrainConfig:
     (benchmarks/bench_recipe.py); the demo needs nothing else."""
 
     storage: str = setting(
-        "~/steelseg_runs", "folder (or shared file system path) where runs are kept", "run"
+        "~/steelseg_runs",
+        "where runs are kept: a folder (shared by every node), s3://bucket/path or gs://...",
+        "run",
     )
     name: str = setting(
         "demo", "the run; rerunning with the same storage and name resumes it", "run"
@@ -60,6 +63,9 @@ class TrainConfig:
         3, "checkpoints kept, best by val Dice (the latest is kept too)", "run"
     )
     log_images: int = setting(4, "validation images in the TensorBoard figure each epoch", "run")
+    checkpoint_upload: str = setting(
+        "async", "async: train on while a checkpoint uploads; sync: wait for it", "run"
+    )
 
     data: str = setting(
         "",
@@ -151,28 +157,32 @@ class TrainConfig:
                 _bad(name, "must be in (0, 1)", getattr(self, name))
         if not self.modalities or self.modalities[0] != "visible":
             _bad("modalities", "must start with 'visible'", self.modalities)
+        if self.checkpoint_upload not in ("async", "sync"):
+            _bad("checkpoint_upload", "must be async or sync", self.checkpoint_upload)
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
             _bad(
                 "placement_strategy",
                 f"must be {' or '.join(PLACEMENT_STRATEGIES)}",
                 self.placement_strategy,
             )
-        for name in ("data", "storage", "pretrained"):
+        for name in ("data", "pretrained"):
             local_path(getattr(self, name), f"config {name}")
+        check_uri(self.storage, "config storage")
         if self.pos_weight is not None and len(self.pos_weight) != N_CLASSES:
             _bad("pos_weight", f"needs {N_CLASSES} values", self.pos_weight)
 
     @property
     def storage_path(self) -> str:
-        return str(Path(os.path.expanduser(self.storage)).resolve())
+        """The storage folder: an absolute local path, or the URI (with its endpoint)."""
+        return locate(self.storage, "config storage").target
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.storage_path) / self.name
+    def run_dir(self) -> Location:
+        return locate(self.storage, "config storage") / self.name
 
     def resolved(self) -> "TrainConfig":
-        """A copy whose data and weights paths are absolute, as workers on other nodes (or with
-        another working directory) need them."""
+        """A copy whose paths are absolute and whose storage URI carries its endpoint, as
+        workers on other nodes (or with another working directory) need them."""
         pretrained = self.pretrained
         if pretrained and pretrained != "imagenet":
             pretrained = str(Path(os.path.expanduser(pretrained)).resolve())

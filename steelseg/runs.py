@@ -1,11 +1,14 @@
 """A run's files and a sweep's, in one place: every reader and writer of them goes through here
 (training, resume, Tune, calibration, prediction, evaluation, figures), so where a run lives is
-decided by this module alone. Readable without Ray.
+decided by this module alone. Readable without Ray. A run lives in a local or shared folder or
+in an object store (``s3://``, ``gs://``): every function takes a path, a URI or a
+``steelseg.storage.Location``.
 
 A training run, ``<storage>/<name>/``::
 
-    epoch_NNNN/checkpoint.pt    model, optimizer, scheduler, epoch and the whole config (Ray keeps
-                                the best K by val Dice and the latest)
+    epoch_NNNN/model.pt         the weights, the whole config, the epoch and its metrics (Ray keeps
+                                the best K checkpoints by val Dice and the latest)
+    epoch_NNNN/training_state.pt  optimizer, scheduler and step, for a resume
     epoch_NNNN/postprocess.json the calibrated post-processing rules of that checkpoint
     history.jsonl               every epoch's metrics, one JSON line each
     split.parquet               the catalog with each image's split (train or val)
@@ -16,12 +19,15 @@ A sweep, ``<storage>/<name>/``: ``trials/<trial>/`` is each trial's training run
 ``best_checkpoint.txt`` the path of its best checkpoint.
 """
 
+import io
 import json
 import math
 import os
+import posixpath
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs as pafs
 import torch
 import yaml
 
@@ -29,10 +35,12 @@ from steelseg.config import TrainConfig
 from steelseg.data import catalog
 from steelseg.errors import SteelsegError
 from steelseg.inference.postprocess import Rules
-from steelseg.paths import local_path
+from steelseg.storage import Location, locate, reason
 from steelseg.training.recipe import build_model
 
-CHECKPOINT_FILE = "checkpoint.pt"
+MODEL_FILE = "model.pt"  # weights, config, epoch, metrics
+TRAINING_FILE = "training_state.pt"  # optimizer, scheduler, step: for a resume
+MODEL_KEYS = ("model", "config", "epoch", "metrics")
 RULES_FILE = "postprocess.json"
 HISTORY_FILE = "history.jsonl"
 SPLIT_FILE = "split.parquet"
@@ -40,10 +48,10 @@ TENSORBOARD_DIR = "tensorboard"
 TRIALS_DIR = "trials"
 RESULTS_FILE = "results.csv"
 BEST_CONFIG_FILE = "best_config.yaml"
-BEST_CHECKPOINT_FILE = "best_checkpoint.txt"
+BEST_MODEL_FILE = "best_checkpoint.txt"
 SCORE = "val_kaggle_dice"  # what "best" means for checkpoints and trials
 
-PathLike = str | os.PathLike
+Where = str | os.PathLike | Location
 
 
 # --- checkpoints ---------------------------------------------------------------------------
@@ -54,187 +62,256 @@ def checkpoint_name(epoch: int) -> str:
     return f"epoch_{epoch:04d}"
 
 
-def write_state(folder: PathLike, state: dict) -> Path:
-    path = Path(folder) / CHECKPOINT_FILE
-    torch.save(state, path)
-    return path
+def write_state(folder: Where, state: dict) -> None:
+    """Save a checkpoint: the model part (weights, config, epoch, metrics: all that prediction
+    reads) and the training part (optimizer, scheduler, step: only a resume reads it) apart, so
+    that loading a model for prediction moves a third of the bytes."""
+    place = locate(folder, "checkpoint")
+    for name, part in _split_state(state).items():
+        buffer = io.BytesIO()
+        torch.save(part, buffer)
+        (place / name).write_bytes(buffer.getvalue())
 
 
-def read_state(folder: PathLike, *, mmap: bool = False) -> dict:
-    """The raw checkpoint dict (tensors on the CPU).
+def _split_state(state: dict) -> dict[str, dict]:
+    model = {k: v for k, v in state.items() if k in MODEL_KEYS}
+    return {MODEL_FILE: model, TRAINING_FILE: {k: v for k, v in state.items() if k not in model}}
+
+
+def _load(file: Location, mmap: bool = False) -> dict:
+    if not file.is_file():
+        raise SteelsegError(f"{file.parent}: not a steelseg checkpoint (no {file.name})")
+    source = file.path if file.local else file.open_buffer()
+    return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap and file.local)
+
+
+def read_model_state(folder: Where, *, mmap: bool = False) -> dict:
+    """The model part of a checkpoint: weights, config, epoch and metrics (tensors on the CPU);
+    ``mmap`` maps a local file instead of reading it.
 
     Raises:
         SteelsegError: the folder holds no checkpoint.
     """
-    file = Path(folder) / CHECKPOINT_FILE
-    if not file.is_file():
-        raise SteelsegError(f"{folder}: not a steelseg checkpoint (no {CHECKPOINT_FILE})")
-    return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    return _load(locate(folder, "checkpoint") / MODEL_FILE, mmap)
 
 
-def load_config(folder: PathLike) -> TrainConfig:
-    """The run config stored in a checkpoint, without reading its ~200 MB of tensors."""
-    return TrainConfig.from_dict(read_state(folder, mmap=True)["config"], str(folder))
+def read_state(folder: Where) -> dict:
+    """The whole checkpoint, the training part too (what a resume needs)."""
+    place = locate(folder, "checkpoint")
+    return {**_load(place / MODEL_FILE), **_load(place / TRAINING_FILE)}
 
 
-def load_checkpoint(folder: PathLike) -> tuple[torch.nn.Module, TrainConfig, dict]:
+def load_config(folder: Where) -> TrainConfig:
+    """The run config stored in a checkpoint, without reading its tensors when it is local."""
+    return TrainConfig.from_dict(read_model_state(folder, mmap=True)["config"], str(folder))
+
+
+def load_checkpoint(folder: Where) -> tuple[torch.nn.Module, TrainConfig, dict]:
     """Rebuild the trained model from a checkpoint folder alone: (model in eval mode, config,
-    state)."""
-    state = read_state(folder)
-    config = TrainConfig.from_dict(state["config"], str(Path(folder) / CHECKPOINT_FILE))
+    the checkpoint's model part)."""
+    state = read_model_state(folder)
+    config = TrainConfig.from_dict(state["config"], f"{folder}/{MODEL_FILE}")
     model = build_model(config.replace(pretrained=""))
     model.load_state_dict(state["model"])
     return model.eval(), config, state
 
 
-def kept_checkpoints(run_dir: PathLike) -> dict[int, Path]:
+def kept_checkpoints(run: Where) -> dict[int, Location]:
     """The run's checkpoint folders by epoch."""
-    return {
-        int(p.name.split("_")[1]): p
-        for p in Path(run_dir).glob("epoch_*")
-        if (p / CHECKPOINT_FILE).is_file()
-    }
+    kept = {}
+    for child in locate(run, "run").children():
+        epoch = child.name.removeprefix("epoch_")
+        if epoch.isdigit() and (child / MODEL_FILE).is_file():
+            kept[int(epoch)] = child
+    return kept
 
 
-def best_checkpoint(run_dir: PathLike) -> Path:
+def best_checkpoint(run: Where) -> Location:
     """The kept checkpoint of a run with the best val Dice (the later epoch on a tie).
 
     Raises:
         SteelsegError: the folder has no checkpoint.
     """
-    kept = kept_checkpoints(run_dir)
+    kept = kept_checkpoints(run)
     if not kept:
-        raise SteelsegError(f"{run_dir}: no checkpoint (no epoch_*/{CHECKPOINT_FILE})")
-    history = read_history(run_dir)
+        raise SteelsegError(f"{run}: no checkpoint (no epoch_*/{MODEL_FILE})")
+    history = read_history(run)
     if history.empty:
         return kept[max(kept)]
     scores = history.set_index("epoch")[SCORE].fillna(-1.0).to_dict()
     return kept[max(kept, key=lambda epoch: (scores.get(epoch, -1.0), epoch))]
 
 
-def resolve_checkpoint(path: PathLike) -> Path:
+def resolve_checkpoint(where: Where) -> Location:
     """A checkpoint folder from a checkpoint, a training run (its best checkpoint) or a sweep
     (its best trial's best checkpoint).
 
     Raises:
         SteelsegError: the path is none of these.
     """
-    path = local_path(path, "checkpoint").resolve()
-    if (path / CHECKPOINT_FILE).is_file():
-        return path
-    if (path / BEST_CHECKPOINT_FILE).is_file():
-        return resolve_checkpoint((path / BEST_CHECKPOINT_FILE).read_text().strip())
-    if kept_checkpoints(path):
-        return best_checkpoint(path)
-    if not path.exists():
-        raise SteelsegError(f"{path}: no such checkpoint, run or sweep")
+    place = locate(where, "checkpoint")
+    if (place / MODEL_FILE).is_file():
+        return place
+    if (place / BEST_MODEL_FILE).is_file():
+        return resolve_checkpoint((place / BEST_MODEL_FILE).read_text().strip())
+    if kept_checkpoints(place):
+        return best_checkpoint(place)
+    if not place.exists():
+        raise SteelsegError(f"{place}: no such checkpoint, run or sweep")
     raise SteelsegError(
-        f"{path}: not a checkpoint (no {CHECKPOINT_FILE}), a run (no epoch_*/) or a finished "
-        f"sweep (no {BEST_CHECKPOINT_FILE})"
+        f"{place}: not a checkpoint (no {MODEL_FILE}), a run (no epoch_*/) or a finished "
+        f"sweep (no {BEST_MODEL_FILE})"
     )
 
 
-def save_rules(checkpoint: PathLike, rules: Rules, report: dict | None = None) -> Path:
+def save_rules(checkpoint: Where, rules: Rules, report: dict | None = None) -> Location:
     """Store calibrated post-processing rules (and the calibration's report) with a checkpoint."""
-    path = Path(checkpoint) / RULES_FILE
-    path.write_text(json.dumps({**rules.to_dict(), "calibration": report or {}}, indent=2))
-    return path
+    file = locate(checkpoint, "checkpoint") / RULES_FILE
+    file.write_text(json.dumps({**rules.to_dict(), "calibration": report or {}}, indent=2))
+    return file
 
 
-def load_rules(checkpoint: PathLike) -> Rules | None:
+def load_rules(checkpoint: Where) -> Rules | None:
     """The calibrated rules stored with a checkpoint, or None when it was never calibrated."""
-    path = Path(checkpoint) / RULES_FILE
-    if not path.is_file():
+    file = locate(checkpoint, "checkpoint") / RULES_FILE
+    if not file.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SteelsegError(f"{path}: cannot read ({e})") from None
-    return Rules.from_dict(data, str(path))
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise SteelsegError(f"{file}: cannot read ({e})") from None
+    return Rules.from_dict(data, str(file))
 
 
-def read_calibration(checkpoint: PathLike) -> dict:
+def read_calibration(checkpoint: Where) -> dict:
     """The report stored with the rules: scores before and after, images, TTA."""
-    return json.loads((Path(checkpoint) / RULES_FILE).read_text())["calibration"]
+    return json.loads((locate(checkpoint, "checkpoint") / RULES_FILE).read_text())["calibration"]
 
 
 # --- history, split, TensorBoard -----------------------------------------------------------
 
 
-def append_history(run_dir: PathLike, metrics: dict) -> None:
-    """One JSON line per epoch; undefined scores (NaN, e.g. a class absent from val) as null."""
+def append_history(run: Where, metrics: dict) -> None:
+    """One JSON line per epoch; undefined scores (NaN, e.g. a class absent from val) as null.
+    The file is rewritten whole: an object store cannot append."""
     clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
-    with open(Path(run_dir) / HISTORY_FILE, "a") as f:
-        f.write(json.dumps(clean) + "\n")
+    _write_history(run, [*_history_rows(run), clean])
 
 
-def trim_history(run_dir: PathLike, last_epoch: int) -> None:
+def trim_history(run: Where, last_epoch: int) -> None:
     """Drop epochs after the checkpoint we resume from (a failed attempt's)."""
-    kept = [m for m in _history_rows(run_dir) if m["epoch"] <= last_epoch]
-    (Path(run_dir) / HISTORY_FILE).write_text("".join(json.dumps(m) + "\n" for m in kept))
+    _write_history(run, [m for m in _history_rows(run) if m["epoch"] <= last_epoch])
 
 
-def _history_rows(run_dir: PathLike) -> list[dict]:
-    path = Path(run_dir) / HISTORY_FILE
-    if not path.exists():
+def _write_history(run: Where, rows: list[dict]) -> None:
+    file = locate(run, "run") / HISTORY_FILE
+    file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _history_rows(run: Where) -> list[dict]:
+    file = locate(run, "run") / HISTORY_FILE
+    if not file.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
 
 
-def read_history(run_dir: PathLike) -> pd.DataFrame:
+def read_history(run: Where) -> pd.DataFrame:
     """Every epoch's metrics of a run, in order: what each epoch reported, resumes included."""
-    history = pd.DataFrame(_history_rows(run_dir))
+    history = pd.DataFrame(_history_rows(run))
     undefined = [c for c in history.columns if history[c].isna().all()]  # a score never defined
     return history.astype(dict.fromkeys(undefined, float))
 
 
-def write_split(run_dir: PathLike, train: pd.DataFrame, val: pd.DataFrame) -> None:
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
+def write_split(run: Where, train: pd.DataFrame, val: pd.DataFrame) -> None:
     table = pd.concat([train.assign(split="train"), val.assign(split="val")], ignore_index=True)
-    catalog.write_table(table, Path(run_dir) / SPLIT_FILE)
+    buffer = io.BytesIO()
+    catalog.write_table(table, buffer)
+    (locate(run, "run") / SPLIT_FILE).write_bytes(buffer.getvalue())
 
 
-def read_split(run_dir: PathLike, which: str | None = None) -> pd.DataFrame:
+def read_split(run: Where, which: str | None = None) -> pd.DataFrame:
     """The run's catalog with its ``split`` column, or only the rows of ``which`` split.
 
     Raises:
         SteelsegError: the run has no split file.
     """
-    path = Path(run_dir) / SPLIT_FILE
-    if not path.is_file():
-        raise SteelsegError(f"{run_dir}: no {SPLIT_FILE} (the run's train/validation split)")
-    table = catalog.read_table(path)
+    file = locate(run, "run") / SPLIT_FILE
+    if not file.is_file():
+        raise SteelsegError(f"{run}: no {SPLIT_FILE} (the run's train/validation split)")
+    table = catalog.read_table(file.open_buffer())
     if which is not None:
         table = table[table["split"] == which].reset_index(drop=True)
     return table
 
 
-def tensorboard_dir(run_dir: PathLike) -> Path:
-    return Path(run_dir) / TENSORBOARD_DIR
+def tensorboard_dir(run: Where) -> Location:
+    return locate(run, "run") / TENSORBOARD_DIR
+
+
+def fetch_tensorboard(run: Where, cache: str | os.PathLike) -> Path:
+    """The run's TensorBoard folder on this machine: itself when local, else copied into
+    ``cache``.
+
+    Raises:
+        SteelsegError: the run has no TensorBoard folder.
+    """
+    folder = tensorboard_dir(run)
+    if not folder.is_dir():
+        raise SteelsegError(f"{run}: no {TENSORBOARD_DIR}/ folder (is it a training run?)")
+    return Path(folder.path) if folder.local else folder.download(cache)
+
+
+def sync_tensorboard(where: Where, cache: str | os.PathLike) -> int:
+    """Mirror the TensorBoard files of a run or a sweep (every ``tensorboard/`` folder below
+    it) into the local folder ``cache``, copying only files that are new or changed in size or
+    time. Returns how many were copied."""
+    place = locate(where, "run or sweep")
+    try:
+        found = place.fs.get_file_info(pafs.FileSelector(place.path, recursive=True))
+    except OSError as e:
+        raise SteelsegError(f"{place}: {reason(e)}") from None
+    cache = Path(cache)
+    manifest_file = cache / ".steelseg-sync.json"
+    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
+    copied = 0
+    for info in found:
+        relative = posixpath.relpath(info.path, place.path)
+        if info.type != pafs.FileType.File or TENSORBOARD_DIR not in relative.split("/")[:-1]:
+            continue
+        stamp = [info.size, info.mtime_ns]
+        if manifest.get(relative) == stamp and (cache / relative).is_file():
+            continue
+        (cache / relative).parent.mkdir(parents=True, exist_ok=True)
+        (cache / relative).write_bytes((place / relative).read_bytes())
+        manifest[relative] = stamp
+        copied += 1
+    cache.mkdir(parents=True, exist_ok=True)
+    manifest_file.write_text(json.dumps(manifest))
+    return copied
 
 
 # --- sweeps --------------------------------------------------------------------------------
 
 
-def trials_dir(sweep_dir: PathLike) -> Path:
+def trials_dir(sweep: Where) -> Location:
     """Where a sweep's trials keep their training runs (``trials/<trial>/``)."""
-    return Path(sweep_dir) / TRIALS_DIR
+    return locate(sweep, "sweep") / TRIALS_DIR
 
 
 def write_sweep_results(
-    sweep_dir: PathLike, table: pd.DataFrame, best_config: TrainConfig, best: Path
+    sweep: Where, table: pd.DataFrame, best_config: TrainConfig, best: Location
 ) -> None:
     """The trials' table, the best trial's config (for ``train --config``) and its best
-    checkpoint."""
-    sweep_dir = Path(sweep_dir)
-    table.to_csv(sweep_dir / RESULTS_FILE, index=False)
-    (sweep_dir / BEST_CONFIG_FILE).write_text(yaml.safe_dump(best_config.to_dict()))
-    (sweep_dir / BEST_CHECKPOINT_FILE).write_text(f"{best}\n")
+    checkpoint (its whole URI, so that predict finds it)."""
+    place = locate(sweep, "sweep")
+    (place / RESULTS_FILE).write_text(table.to_csv(index=False))
+    (place / BEST_CONFIG_FILE).write_text(yaml.safe_dump(best_config.to_dict()))
+    (place / BEST_MODEL_FILE).write_text(f"{best.target}\n")
 
 
-def read_sweep_results(sweep_dir: PathLike) -> pd.DataFrame:
-    return pd.read_csv(Path(sweep_dir) / RESULTS_FILE)
+def read_sweep_results(sweep: Where) -> pd.DataFrame:
+    return pd.read_csv(io.StringIO((locate(sweep, "sweep") / RESULTS_FILE).read_text()))
 
 
-def best_config_path(sweep_dir: PathLike) -> Path:
-    return Path(sweep_dir) / BEST_CONFIG_FILE
+def best_config_path(sweep: Where) -> Location:
+    return locate(sweep, "sweep") / BEST_CONFIG_FILE

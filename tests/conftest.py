@@ -19,6 +19,67 @@ DATA = Path(__file__).parent / "real"  # three real Severstal images and their m
 # one by address needs token mode set before Ray reads its config (the token is in
 # ~/.ray/auth_token, written by the first ``ray start``).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# The S3-compatible test store takes any credentials; they must be in the environment before the
+# Ray nodes start, as on a cluster whose nodes have a role or keys. No instance metadata lookups.
+os.environ.update(
+    AWS_ACCESS_KEY_ID="steelseg-test", AWS_SECRET_ACCESS_KEY="steelseg-test",
+    AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true",
+)  # fmt: skip
+
+
+class S3Store:
+    """An S3-compatible server on 127.0.0.1 (moto's ``moto_server``, a child process of the
+    session, ended by its process tree), with one bucket."""
+
+    bucket = "steelseg"
+
+    def __init__(self, log: Path):
+        import boto3
+        from raynodes import free_port
+
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        binary = str(Path(sys.executable).with_name("moto_server"))
+        with open(log, "w") as out:
+            self.process = subprocess.Popen(
+                [binary, "-H", "127.0.0.1", "-p", str(self.port)], stdout=out, stderr=out
+            )
+        self.client = boto3.client("s3", endpoint_url=self.endpoint)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.client.create_bucket(Bucket=self.bucket)
+                return
+            except Exception:  # not listening yet
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    self.stop()
+                    log_tail = log.read_text()[-500:]
+                    raise RuntimeError(f"moto_server did not start: {log_tail}") from None
+                time.sleep(0.2)
+
+    def uri(self, key: str) -> str:
+        """``s3://steelseg/<key>`` with the store's endpoint, as a user passes it."""
+        return f"s3://{self.bucket}/{key}?endpoint_override={self.endpoint}"
+
+    def keys(self, prefix: str) -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        )
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+    def stop(self) -> None:
+        from raynodes import end_trees
+
+        end_trees([self.process.pid])
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    store = S3Store(tmp_path_factory.mktemp("s3") / "moto.log")
+    try:
+        yield store
+    finally:
+        store.stop()
 
 
 @pytest.fixture(scope="session")
@@ -143,7 +204,7 @@ def four_class_dir(tmp_path_factory) -> Path:
     return out
 
 
-def small_run(data: Path, storage: Path, **changes):
+def small_run(data: Path, storage: Path | str, **changes):
     """A small, fast run: 2 workers spread over the 2 nodes, crops of 32x160."""
     from steelseg.config import TrainConfig
 
@@ -187,7 +248,7 @@ def kill_rank_1_after_checkpoint(run_dir: Path, epoch: int, killed: list) -> Non
 
 
 @pytest.fixture(scope="session")
-def trained_run(cluster, four_class_dir, tmp_path_factory):
+def trained_run(cluster, s3, four_class_dir, tmp_path_factory):
     """The run the training, prediction and figure tests share, on the four-class set:
     1. the train job as a user runs it with a `ray start` cluster on the machine (it must
        attach to it), 1 epoch;
@@ -198,18 +259,17 @@ def trained_run(cluster, four_class_dir, tmp_path_factory):
     from steelseg.runs import read_history
     from steelseg.training.fit import fit
 
-    storage = tmp_path_factory.mktemp("runs")
+    storage = s3.uri("runs")  # the run lives wholly in the bucket
     env = {**cluster.env, "RAY_TMPDIR": str(cluster.tmp)}  # where ray start recorded it
     job = subprocess.run(
         train_job_argv(small_run(four_class_dir, storage, epochs=1)),
         cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert job.returncode == 0, job.stderr[-3000:]
-    before = read_history(storage / "run")
+    run_dir = small_run(four_class_dir, storage).run_dir
+    before = read_history(run_dir)
     killed: list[int] = []
-    killer = threading.Thread(
-        target=kill_rank_1_after_checkpoint, args=(storage / "run", 2, killed)
-    )
+    killer = threading.Thread(target=kill_rank_1_after_checkpoint, args=(run_dir, 2, killed))
     killer.start()
     resumed = fit(small_run(four_class_dir, storage, epochs=3))
     killer.join()

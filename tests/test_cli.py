@@ -43,7 +43,8 @@ def test_help_lists_every_command_and_the_ray_jobs_run_the_same_ones(capsys):
         main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    commands = ("train", "tune", "predict", "calibrate", "evaluate", "figures", "synth", "validate")
+    commands = ("train", "tune", "predict", "calibrate", "evaluate", "figures", "tensorboard",
+                "synth", "validate")  # fmt: skip
     for name in commands:
         assert re.search(rf"\n    {name}\s", out), name
     with pytest.raises(SystemExit):
@@ -85,14 +86,41 @@ def test_validate_lists_every_problem_when_a_bad_rle_is_on_an_existing_image(dat
     [
         ["validate", "gs://bucket/severstal"],
         ["evaluate", "--truth", "s3://b/train.csv", "--images", ".", "--submission", "s.csv"],
-        ["calibrate", "s3://bucket/runs/demo"],
-        ["figures", "out", "--run", "s3://bucket/runs/demo"],
     ],
 )
 def test_uris_are_refused_in_one_line(argv, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "URIs are not supported yet" in err
+
+
+def test_a_store_that_does_not_answer_is_one_line_naming_the_uri(capsys):
+    from raynodes import free_port
+
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    for argv in (
+        ["calibrate", f"s3://steelseg/runs/demo?endpoint_override={endpoint}"],
+        ["figures", "out", "--run", f"s3://steelseg/runs/demo?endpoint_override={endpoint}"],
+    ):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("steelseg: error: "), err
+        assert "s3://steelseg/runs/demo" in err and "endpoint_override" not in err
+        assert "Could not connect" in err or "NETWORK_CONNECTION" in err
+
+
+def test_missing_bucket_or_run_and_credentials_in_a_uri_are_one_line_errors(s3, capsys):
+    missing = f"s3://no-such-bucket/runs/demo?endpoint_override={s3.endpoint}"
+    assert main(["calibrate", missing]) == 1
+    assert capsys.readouterr().err == (
+        "steelseg: error: s3://no-such-bucket/runs/demo: no such checkpoint, run or sweep\n"
+    )
+    secret = "s3://steelseg/runs?access_key=AKIA&secret_key=hunter2"
+    assert main(["train", "--storage", secret]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "credentials in a URI" in err and "hunter2" not in err
+    assert main(["train", "--storage", "ftp://host/runs"]) == 1
+    assert "ftp:// is not supported" in capsys.readouterr().err
 
 
 def test_the_readmes_python_api_imports_work():

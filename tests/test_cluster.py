@@ -75,6 +75,6 @@ def test_train_job_attaches_to_a_running_cluster_and_prints_only_progress(cluste
     lines = job.stdout.strip().splitlines()
     assert lines[0].startswith("epoch 1/1: train loss ") and "img/s" in lines[0]
     assert lines[1].startswith("finished epoch 1: val Dice")
-    assert lines[2] == f"run:         {run_dir}"
+    assert lines[2] == f"run:         {run_dir.target}"
     assert any(line.strip().startswith("steelseg calibrate") for line in lines)
     assert len(lines) == 9, job.stdout  # nothing else: no Ray logs, no metric dicts, no warnings

@@ -144,10 +144,21 @@ def test_resolved_paths_are_absolute(tmp_path, monkeypatch):
     assert TrainConfig().resolved().data == ""
 
 
-@pytest.mark.parametrize("key", ["data", "storage", "pretrained"])
+@pytest.mark.parametrize("key", ["data", "pretrained"])
 def test_object_store_uris_are_refused_in_one_line_without_credentials(key):
     with pytest.raises(SteelsegError) as info:
         TrainConfig(**{key: "s3://KEY:SECRET@bucket/runs?endpoint_override=http://x"})
     message = str(info.value)
     assert message.startswith(f"config {key} s3://bucket/runs: s3:// URIs are not supported yet")
     assert "SECRET" not in message and "\n" not in message
+
+
+def test_storage_may_be_a_bucket_but_never_with_credentials_in_the_uri():
+    config = TrainConfig(storage="s3://bucket/runs?endpoint_override=http://127.0.0.1:9000")
+    assert config.run_dir.uri == "s3://bucket/runs/demo"
+    assert config.run_dir.query == "endpoint_override=http%3A%2F%2F127.0.0.1%3A9000"
+    with pytest.raises(SteelsegError) as info:
+        TrainConfig(storage="s3://AKIAXYZ:hunter2@bucket/runs")
+    message = str(info.value)
+    assert message.startswith("config storage s3://bucket/runs: credentials in a URI")
+    assert "hunter2" not in message and "AKIAXYZ" not in message and "\n" not in message

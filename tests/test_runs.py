@@ -8,7 +8,7 @@ import pytest
 from steelseg.errors import SteelsegError
 from steelseg.inference.postprocess import ClassRule, Rules
 from steelseg.runs import (
-    CHECKPOINT_FILE,
+    MODEL_FILE,
     append_history,
     best_checkpoint,
     load_rules,
@@ -27,7 +27,7 @@ def write_run(run_dir, scores: dict[int, float], kept: list[int]):
     for epoch in kept:
         folder = run_dir / f"epoch_{epoch:04d}"
         folder.mkdir()
-        (folder / CHECKPOINT_FILE).write_bytes(b"")
+        (folder / MODEL_FILE).write_bytes(b"")
     return run_dir
 
 
@@ -61,3 +61,21 @@ def test_rules_round_trip_through_the_checkpoint_folder(tmp_path):
 def test_a_run_without_a_split_is_a_one_line_error(tmp_path):
     with pytest.raises(SteelsegError, match=r"no split.parquet \(the run's train/validation"):
         read_split(tmp_path)
+
+
+def test_tensorboard_sync_copies_only_what_changed(s3, tmp_path):
+    from steelseg.runs import sync_tensorboard
+    from steelseg.storage import locate
+
+    run = locate(s3.uri("sync/run"), "run")
+    (run / "tensorboard" / "events.out.tfevents.1").write_bytes(b"first")
+    (run / "tensorboard" / "hparams" / "events.out.tfevents.2").write_bytes(b"hp")
+    (run / "history.jsonl").write_text("{}\n")  # not an event file: not copied
+    cache = tmp_path / "cache"
+    assert sync_tensorboard(run, cache) == 2
+    assert (cache / "tensorboard" / "events.out.tfevents.1").read_bytes() == b"first"
+    assert not (cache / "history.jsonl").exists()
+    assert sync_tensorboard(run, cache) == 0
+    (run / "tensorboard" / "events.out.tfevents.1").write_bytes(b"first, then more")
+    assert sync_tensorboard(run, cache) == 1
+    assert (cache / "tensorboard" / "events.out.tfevents.1").read_bytes() == b"first, then more"

@@ -22,6 +22,7 @@ COMMANDS: tuple[Command, ...] = (
     inference.CALIBRATE,
     evaluation.EVALUATE,
     evaluation.FIGURES,
+    evaluation.TENSORBOARD,
     data.SYNTH,
     data.VALIDATE,
 )

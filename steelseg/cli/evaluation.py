@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import tempfile
 
 from steelseg.cli.command import Command
 from steelseg.domain import HAS_COLUMNS, RLE_COLUMNS
@@ -40,8 +41,10 @@ def figures_arguments(p: argparse.ArgumentParser) -> None:
 def figures(args: argparse.Namespace) -> int:
     import logging
 
+    from steelseg import runs
     from steelseg.data import catalog
     from steelseg.evaluation import figures
+    from steelseg.storage import locate
 
     out = local_path(args.out, "figures folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -53,8 +56,10 @@ def figures(args: argparse.Namespace) -> int:
         )
         written.append(figures.samples_figure(table, out / "figure1_samples.png", args.count))
     if args.run_dir:
-        run_dir = local_path(args.run_dir, "run")
-        written.append(figures.loss_curves(run_dir, out / "figure2_loss.png"))
+        with tempfile.TemporaryDirectory(prefix="steelseg-figures-") as cache:
+            logs = runs.fetch_tensorboard(args.run_dir, cache)
+            title = locate(args.run_dir, "run").name
+            written.append(figures.loss_curves(logs, out / "figure2_loss.png", title))
     if args.submission:
         if not args.data:
             raise SteelsegError("figures --submission needs --data (the truth and the images)")
@@ -93,7 +98,60 @@ def submission_samples(table, submission: str, count: int) -> list:
     return samples
 
 
+def tensorboard_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a run or sweep: folder or s3://, gs:// URI")
+    p.add_argument("--port", type=int, default=6006, help="TensorBoard's port (default 6006)")
+    p.add_argument(
+        "--every", type=float, default=30.0, help="seconds between syncs while it runs (30)"
+    )
+    p.add_argument("--cache", help="local folder for the copies (default: under ~/.cache)")
+
+
+def tensorboard(args: argparse.Namespace) -> int:
+    """Sync the event files of a run or sweep into a local cache, serve them on 127.0.0.1 and
+    keep syncing (only what changed) until TensorBoard ends or Ctrl-C."""
+    import hashlib
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from steelseg import runs
+    from steelseg.storage import locate
+
+    place = locate(args.run, "run")
+    default = Path(os.path.expanduser("~/.cache/steelseg/tensorboard"))
+    cache = (
+        Path(args.cache)
+        if args.cache
+        else default / hashlib.sha1(place.uri.encode()).hexdigest()[:12]
+    )
+    copied = runs.sync_tensorboard(place, cache)
+    print(f"copied {copied} event file(s) of {place} to {cache}")
+    binary = shutil.which("tensorboard") or str(Path(sys.executable).with_name("tensorboard"))
+    argv = [binary, "--logdir", str(cache), "--host", "127.0.0.1", "--port", str(args.port)]
+    print(f"TensorBoard on http://127.0.0.1:{args.port} (Ctrl-C ends it)", flush=True)
+    server = subprocess.Popen(argv)
+    try:
+        while server.poll() is None:
+            time.sleep(args.every)
+            runs.sync_tensorboard(place, cache)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.terminate()
+    return 0
+
+
 EVALUATE = Command(
     "evaluate", "score a submission CSV against the truth", evaluate_arguments, evaluate
 )
 FIGURES = Command("figures", "the paper's figures as PNG files", figures_arguments, figures)
+TENSORBOARD = Command(
+    "tensorboard",
+    "TensorBoard for a run or sweep anywhere, its event files synced to this machine",
+    tensorboard_arguments,
+    tensorboard,
+)

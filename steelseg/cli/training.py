@@ -47,14 +47,24 @@ def train(args: argparse.Namespace) -> int:
             f"finished epoch {metrics['epoch']}: val Dice {metrics['val_kaggle_dice']:.4f} "
             f"(all-empty baseline {metrics['val_empty_baseline']:.4f})"
         )
-    print(f"run:         {run_dir}")
-    print(f"best:        {result.best_checkpoint} (best val Dice)")
+    best = result.best_checkpoint
+    where = run_dir.target
+    print(f"run:         {where}")
+    print(f"best:        {best.target if best else None} (best val Dice)")
     print("next:")
-    print(f"  steelseg calibrate {run_dir}")
-    print(f"  steelseg predict --checkpoint {run_dir} --images IMAGES --out sub.csv")
-    print(f"  steelseg figures figures/ --run {run_dir}")
-    print(f"  tensorboard --logdir {run_dir / 'tensorboard'}")
+    print(f"  steelseg calibrate {where}")
+    print(f"  steelseg predict --checkpoint {where} --images IMAGES --out sub.csv")
+    print(f"  steelseg figures figures/ --run {where}")
+    print(f"  {tensorboard_command(run_dir)}")
     return 0
+
+
+def tensorboard_command(place) -> str:
+    """How to read a run's or sweep's curves: plain TensorBoard on a local folder, else ours,
+    which syncs the event files from the store."""
+    if place.local:
+        return f"tensorboard --logdir {place.path}"
+    return f"steelseg tensorboard {place.target}"
 
 
 def tune_arguments(p: argparse.ArgumentParser) -> None:
@@ -103,7 +113,7 @@ def tune(args: argparse.Namespace) -> int:
     print(f"best trial {result.best_trial}: val Dice {result.best_score:.4f}")
     print(f"best config:     {result.best_config}")
     print(f"best checkpoint: {result.best_checkpoint}")
-    print(f"tensorboard:     tensorboard --logdir {result.sweep_dir / 'trials'}")
+    print(f"tensorboard:     {tensorboard_command(result.sweep_dir)}")
     return 0
 
 

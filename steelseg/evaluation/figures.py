@@ -113,13 +113,10 @@ def predictions_figure(
     return _panels(path, "Predictions against ground truth", panels)
 
 
-def loss_curves(run_dir: Path, path: Path) -> Path:
-    """Figure 2: train and val loss per epoch, read from the run's TensorBoard logs."""
+def loss_curves(logs: Path, path: Path, title: str) -> Path:
+    """Figure 2: train and val loss per epoch, read from a run's TensorBoard folder (local)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    logs = Path(run_dir) / "tensorboard"
-    if not logs.is_dir():
-        raise SteelsegError(f"{run_dir}: no tensorboard/ folder (is it a training run?)")
     events = EventAccumulator(str(logs), size_guidance={"scalars": 0}).Reload()
     scalars = set(events.Tags()["scalars"])
     if not {"loss/train", "loss/val"} <= scalars:
@@ -136,7 +133,7 @@ def loss_curves(run_dir: Path, path: Path) -> Path:
     ax.set_xlabel("epoch")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("BCE + Dice loss")
-    ax.set_title(f"Learning curves: {Path(run_dir).name}")
+    ax.set_title(f"Learning curves: {title}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -2,7 +2,6 @@
 them with the checkpoint, where prediction finds them."""
 
 import os
-from pathlib import Path
 
 import numpy as np
 
@@ -11,6 +10,7 @@ from steelseg.domain import RLE_COLUMNS
 from steelseg.inference.postprocess import Calibration, Rules
 from steelseg.inference.predict import device_for, predict_by_size, prepare
 from steelseg.runs import load_checkpoint, read_split, resolve_checkpoint, save_rules
+from steelseg.storage import Location
 
 
 def calibrate(
@@ -19,7 +19,7 @@ def calibrate(
     batch_size: int = 8,
     tta: bool = False,
     use_gpu: bool | None = None,
-) -> tuple[Rules, dict, Path]:
+) -> tuple[Rules, dict, Location]:
     """Search the rules on the validation split of the checkpoint's run (full-size images, read
     and predicted as prediction does) and store them with the checkpoint.
 
@@ -51,6 +51,6 @@ def calibrate(
     rules, report = search.result()
     report["empty_baseline"] = float(np.mean(empty))
     report["tta"] = tta
-    report["checkpoint"] = str(folder)
+    report["checkpoint"] = folder.target
     save_rules(folder, rules, report)
     return rules, report, folder

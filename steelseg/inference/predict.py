@@ -20,6 +20,7 @@ from steelseg.inference import postprocess
 from steelseg.model import inputs
 from steelseg.paths import local_path
 from steelseg.runs import load_checkpoint, load_config, load_rules, resolve_checkpoint
+from steelseg.storage import Location, locate
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ def predict(
         .map_batches(
             Predictor,
             fn_constructor_kwargs={
-                "checkpoint": str(folder),
+                "checkpoint": folder.target,
                 "modalities": config.modalities,
                 "tta": tta,
                 "rules": rules.to_dict(),
@@ -209,12 +210,11 @@ def predict(
     return to_submission(results)
 
 
-def write_submission(submission: pd.DataFrame, out: str | os.PathLike) -> Path:
-    """Write a submission table as the Kaggle CSV."""
-    path = local_path(out, "out")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    submission.to_csv(path, index=False)
-    return path
+def write_submission(submission: pd.DataFrame, out: str | os.PathLike) -> Location:
+    """Write a submission table as the Kaggle CSV, to a local path or a URI."""
+    place = locate(out, "out")
+    place.write_text(submission.to_csv(index=False))
+    return place
 
 
 def to_submission(results: pd.DataFrame) -> pd.DataFrame:

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import math
 import os
+import posixpath
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from steelseg.cluster import init_ray
 from steelseg.config import TrainConfig
 from steelseg.data import catalog, pipeline, synth
 from steelseg.errors import SteelsegError
+from steelseg.storage import Location, locate
 from steelseg.training import progress
 from steelseg.training.loop import train_loop_per_worker
 
@@ -85,9 +87,9 @@ def cpus_needed(config: TrainConfig) -> int:
 class FitResult:
     """What a training run ended with."""
 
-    run_dir: Path
+    run_dir: Location
     metrics: dict = field(default_factory=dict)  # the last epoch's; empty if none finished
-    best_checkpoint: Path | None = None  # the kept checkpoint with the best val Dice
+    best_checkpoint: Location | None = None  # the kept checkpoint with the best val Dice
     error: Exception | None = None  # why the run failed, None if it finished
 
 
@@ -114,9 +116,9 @@ def fit(
         result = build_trainer(config, train_table, val_table, callbacks, relay).fit()
     best = result.get_best_checkpoint(runs.SCORE, "max") if result.best_checkpoints else None
     return FitResult(
-        run_dir=Path(result.path),
+        run_dir=config.run_dir,
         metrics=dict(result.metrics or {}),
-        best_checkpoint=Path(best.path) if best else None,
+        best_checkpoint=config.run_dir / posixpath.basename(best.path) if best else None,
         error=result.error,
     )
 
@@ -128,6 +130,7 @@ def build_trainer(
     callbacks: list | None,
     relay: progress.Relay | None,
 ) -> TorchTrainer:
+    storage = locate(config.storage_path, "storage")
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -144,7 +147,8 @@ def build_trainer(
         ),
         run_config=RunConfig(
             name=config.name,
-            storage_path=config.storage_path,
+            storage_path=storage.path,
+            storage_filesystem=None if storage.local else storage.fs,
             failure_config=FailureConfig(max_failures=config.max_failures),
             callbacks=callbacks,
             checkpoint_config=CheckpointConfig(

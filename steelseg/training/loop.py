@@ -3,12 +3,11 @@ epoch metrics -> save. Every rank runs it; only rank 0 writes TensorBoard logs, 
 checkpoint files, and every rank calls ``ray.train.report`` once per epoch.
 """
 
-import contextlib
 import os
 import resource
+import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import ray
@@ -23,6 +22,11 @@ from steelseg.evaluation.figures import truth_vs_prediction
 from steelseg.evaluation.metrics import DiceCounts
 from steelseg.training import progress, recipe
 from steelseg.training.epoch import train_one_epoch, validate_one_epoch
+
+UPLOAD_MODES = {
+    "async": ray.train.CheckpointUploadMode.ASYNC,
+    "sync": ray.train.CheckpointUploadMode.SYNC,
+}
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -45,6 +49,7 @@ class Worker:
         self.device = ray.train.torch.get_device()
         self.amp = config.amp and self.device.type == "cuda"
         self.sender = progress.Sender(loop_config.get("progress") if self.rank == 0 else None)
+        self.tensorboard_staging = ""
         self._set_up()
         self.start_epoch, self.global_step = self._restore()
         self.model = ray.train.torch.prepare_model(self.bare)
@@ -65,6 +70,8 @@ class Worker:
             self._save(epoch, metrics, samples)
         if self.writer:
             self.writer.close()
+        if self.tensorboard_staging:
+            shutil.rmtree(self.tensorboard_staging, ignore_errors=True)
 
     def _set_up(self) -> None:
         config = self.config
@@ -155,6 +162,8 @@ class Worker:
         state = None
         if self.rank == 0:
             log_epoch(self.writer, metrics, samples, self.global_step)
+            if self.tensorboard_staging:  # the run's folder is in an object store
+                runs.tensorboard_dir(self.config.run_dir).upload(self.tensorboard_staging)
             runs.append_history(self.config.run_dir, metrics)
             self.sender.epoch(metrics)
             state = {
@@ -167,30 +176,33 @@ class Worker:
                 "config": self.config.to_dict(),
                 "metrics": metrics,
             }
-        with staged_checkpoint(state) as checkpoint:
-            ray.train.report(
-                metrics, checkpoint=checkpoint, checkpoint_dir_name=runs.checkpoint_name(epoch + 1)
-            )
+        if state is None:
+            ray.train.report(metrics)
+            return
+        # staged in a local folder that Ray deletes once it is in storage; with async upload
+        # the next epoch trains meanwhile (a checkpoint holds ~200 MB)
+        folder = tempfile.mkdtemp(prefix="steelseg-ckpt-")
+        runs.write_state(folder, state)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(folder),
+            checkpoint_dir_name=runs.checkpoint_name(epoch + 1),
+            checkpoint_upload_mode=UPLOAD_MODES[self.config.checkpoint_upload],
+            delete_local_checkpoint_after_upload=True,
+        )
 
     def _tensorboard(self):
+        """The writer of rank 0: into the run's folder, or, when that is in an object store,
+        into a local folder uploaded after every epoch."""
         from torch.utils.tensorboard import SummaryWriter
 
+        folder = runs.tensorboard_dir(self.config.run_dir)
+        if not folder.local:
+            self.tensorboard_staging = tempfile.mkdtemp(prefix="steelseg-tensorboard-")
         # purge_step drops events a crashed attempt wrote past the checkpoint we resume from;
         # the checkpointed epoch's own curves were logged at its last step, so they stay
         purge = self.global_step + 1 if self.global_step else None
-        return SummaryWriter(str(runs.tensorboard_dir(self.config.run_dir)), purge_step=purge)
-
-
-@contextlib.contextmanager
-def staged_checkpoint(state: dict | None) -> Iterator[ray.train.Checkpoint | None]:
-    """A checkpoint of ``state`` in a local folder that lives until the report has copied it
-    to storage (a synchronous upload), then is deleted: a checkpoint holds ~200 MB."""
-    if state is None:
-        yield None
-        return
-    with tempfile.TemporaryDirectory(prefix="steelseg-ckpt-") as folder:
-        runs.write_state(folder, state)
-        yield ray.train.Checkpoint.from_directory(folder)
+        return SummaryWriter(self.tensorboard_staging or folder.path, purge_step=purge)
 
 
 def all_reduce_sums(values: list[float], device: torch.device) -> list[float]:

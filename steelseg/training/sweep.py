@@ -12,7 +12,7 @@ included), ``results.csv`` (trials sorted by val Dice), ``best_config.yaml`` (fo
 import logging
 import math
 import os
-import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from steelseg import runs
 from steelseg.cluster import init_ray
 from steelseg.config import TrainConfig
 from steelseg.errors import SteelsegError
+from steelseg.storage import Location
 from steelseg.training.fit import cpus_needed, fit
 
 DEFAULT_SPACE = {
@@ -105,7 +106,7 @@ def run_trial(params: dict[str, Any], base: dict, sweep_dir: str) -> None:
 
     trial = Path(tune.get_context().get_trial_dir()).name  # the same name as Tune's trial folder
     config = TrainConfig.from_dict(base).replace(
-        **params, storage=str(runs.trials_dir(sweep_dir)), name=trial
+        **params, storage=runs.trials_dir(sweep_dir).target, name=trial
     )
     result = fit(config, callbacks=[TuneReportCallback()])
     if result.error:
@@ -152,12 +153,19 @@ def sweep(
     # It takes no CPU: a fraction would leave each node with less than the one whole CPU a
     # Ray Data task needs, and concurrent trials would wait forever. (Tune needs some resource.)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base.to_dict(), sweep_dir=str(sweep_dir)),
+        tune.with_parameters(run_trial, base=base.to_dict(), sweep_dir=sweep_dir.target),
         {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY},
     )
-    if tune.Tuner.can_restore(str(sweep_dir)):
+    # Tune takes a URI's path and its filesystem apart, as Ray Train does
+    filesystem = None if sweep_dir.local else sweep_dir.fs
+    if tune.Tuner.can_restore(sweep_dir.path, storage_filesystem=filesystem):
         log.info("restoring the sweep in %s: finished trials are kept, the rest run", sweep_dir)
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(
+            sweep_dir.path,
+            trainable=trainable,
+            resume_errored=True,
+            storage_filesystem=filesystem,
+        )
     else:
         tuner = tune.Tuner(
             trainable,
@@ -174,7 +182,11 @@ def sweep(
                     reduction_factor=reduction_factor,
                 ),
             ),
-            run_config=tune.RunConfig(name=base.name, storage_path=base.storage_path),
+            run_config=tune.RunConfig(
+                name=base.name,
+                storage_path=sweep_dir.parent.path,
+                storage_filesystem=filesystem,
+            ),
         )
     results = tuner.fit()
     return write_results(results, base, sweep_dir)
@@ -184,15 +196,15 @@ def sweep(
 class SweepResult:
     """A finished sweep: its folder, the trials sorted by val Dice, and the winner."""
 
-    sweep_dir: Path
+    sweep_dir: Location
     table: pd.DataFrame  # trial, the searched values, epochs_run, val Dice, best epoch, error
     best_trial: str
     best_score: float
-    best_config: Path  # a config file for the train command
-    best_checkpoint: Path
+    best_config: Location  # a config file for the train command
+    best_checkpoint: Location
 
 
-def write_results(results: tune.ResultGrid, base: TrainConfig, sweep_dir: Path) -> SweepResult:
+def write_results(results: tune.ResultGrid, base: TrainConfig, sweep_dir: Location) -> SweepResult:
     """results.csv sorted by val Dice, every trial's HParams, the best config and checkpoint."""
     rows = []
     for result in results:
@@ -207,7 +219,7 @@ def write_results(results: tune.ResultGrid, base: TrainConfig, sweep_dir: Path) 
                 "epochs_run": int(history["epoch"].max()) if best is not None else 0,
                 runs.SCORE: float(best[runs.SCORE]) if best is not None else math.nan,
                 "best_epoch": int(best["epoch"]) if best is not None else 0,
-                "run_dir": str(run_dir),
+                "run_dir": run_dir.target,
                 "error": " ".join(str(result.error).split()) if result.error else "",
             }
         )
@@ -216,7 +228,7 @@ def write_results(results: tune.ResultGrid, base: TrainConfig, sweep_dir: Path) 
     table = pd.DataFrame(rows).sort_values(runs.SCORE, ascending=False, na_position="last")
     winner = table.iloc[0]
     if math.isnan(winner[runs.SCORE]):
-        table.to_csv(sweep_dir / runs.RESULTS_FILE, index=False)
+        (sweep_dir / runs.RESULTS_FILE).write_text(table.to_csv(index=False))
         raise SteelsegError(
             f"{sweep_dir}: no trial finished an epoch; see {runs.trials_dir(sweep_dir)}"
         )
@@ -234,20 +246,23 @@ def write_results(results: tune.ResultGrid, base: TrainConfig, sweep_dir: Path) 
     )
 
 
-def write_hparams(run_dir: Path, params: dict, history: pd.DataFrame) -> None:
+def write_hparams(run_dir: Location, params: dict, history: pd.DataFrame) -> None:
     """The trial's searched values and final scores for TensorBoard's HParams view (rewritten
     on every run of the sweep, so a restored sweep shows each trial once)."""
     from torch.utils.tensorboard import SummaryWriter
 
     folder = runs.tensorboard_dir(run_dir) / "hparams"
-    shutil.rmtree(folder, ignore_errors=True)
+    if folder.exists():
+        folder.fs.delete_dir(folder.path)
     final = {
         f"hparams/{runs.SCORE}": float(history[runs.SCORE].max()),
         "hparams/val_loss": float(history["val_loss"].iloc[-1]),
         "hparams/epochs": float(history["epoch"].iloc[-1]),
     }
-    with SummaryWriter(str(folder)) as writer:
-        writer.add_hparams(params, final, run_name=".")
+    with tempfile.TemporaryDirectory(prefix="steelseg-hparams-") as staging:
+        with SummaryWriter(staging) as writer:
+            writer.add_hparams(params, final, run_name=".")
+        folder.upload(staging)
 
 
 def read_space_file(path: str | os.PathLike) -> dict[str, Any]:

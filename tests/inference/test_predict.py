@@ -1,5 +1,6 @@
 """After training: calibrate -> predict (Ray Data actors) -> evaluate -> figures, on the shared
-run of conftest.py (four classes, 48x176 images) and on real 256x1600 images."""
+run of conftest.py (four classes, 48x176 images, the run in the S3-compatible test store) and
+on real 256x1600 images."""
 
 import dataclasses
 import json
@@ -42,14 +43,27 @@ def submission_path(tmp_path: Path) -> Path:
     return tmp_path / "out" / "submission.csv"
 
 
-def test_predict_and_evaluate_agree_with_the_runs_validation_score(
-    run_dir, val_images, four_class_dir, tmp_path, capsys
-):
+@pytest.fixture(scope="module")
+def plain_submission(run_dir, val_images, s3, tmp_path_factory) -> Path:
+    """The predict job on the run's validation images, uncalibrated, 2 actors, the submission
+    written to the bucket; returned as a local copy."""
     from ray_jobs.predict import main as predict
 
-    out = submission_path(tmp_path)
-    argv = ["--images", str(val_images), "--out", str(out), "--no-progress", "--uncalibrated"]
-    assert predict(["--checkpoint", str(run_dir), *argv, "--actors", "2", "--batch-size", "3"]) == 0
+    out = s3.uri("submissions/plain.csv")
+    argv = ["--images", str(val_images), "--out", out, "--no-progress", "--uncalibrated"]
+    argv += ["--checkpoint", run_dir.target, "--actors", "2", "--batch-size", "3"]
+    assert predict(argv) == 0
+    local = tmp_path_factory.mktemp("submission") / "plain.csv"
+    local.write_bytes(
+        s3.client.get_object(Bucket=s3.bucket, Key="submissions/plain.csv")["Body"].read()
+    )
+    return local
+
+
+def test_predict_and_evaluate_agree_with_the_runs_validation_score(
+    run_dir, val_images, four_class_dir, plain_submission, capsys
+):
+    out = plain_submission
     submission = pd.read_csv(out, keep_default_na=False)
     assert list(submission.columns) == ["ImageId", "EncodedPixels", "ClassId"]
     assert len(submission) == 4 * VAL_IMAGES
@@ -86,7 +100,7 @@ def test_calibrate_stores_rules_and_predict_applies_them(
     from steelseg.evaluation.score import score_submission
 
     checkpoint = runs.resolve_checkpoint(run_dir)
-    assert steelseg(["calibrate", str(run_dir), "--batch-size", "4"]) == 0
+    assert steelseg(["calibrate", run_dir.target, "--batch-size", "4"]) == 0
     out = capsys.readouterr().out
     assert "Kaggle Dice" in out and "all-empty baseline" in out
     rules = runs.load_rules(checkpoint)
@@ -136,7 +150,9 @@ def test_real_size_images_are_predicted_at_full_size(run_dir, real_dir, tmp_path
     Image.fromarray(rgb).save(folder / "bar.jpg", quality=95)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     out = submission_path(tmp_path)
-    submission = predict_to(out, run_dir, folder, progress=False, calibrated=False)
+    submission = predict_to(
+        out, run_dir, folder, progress=False, calibrated=False, actors=2, batch_size=3
+    )
     warnings = [line for line in steelseg_log if line.startswith("warning:")]
     assert len(warnings) == 1 and "broken.jpg" in warnings[0]
     assert len(submission) == 4 * 5
@@ -153,10 +169,13 @@ def test_real_size_images_are_predicted_at_full_size(run_dir, real_dir, tmp_path
 def test_strict_prediction_with_tta_writes_nothing_for_an_unreadable_image(
     run_dir, val_images, tmp_path, capsys
 ):
-    folder = Path(shutil.copytree(val_images, tmp_path / "images"))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for image in sorted(val_images.iterdir())[:3]:
+        shutil.copy(image, folder)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     out = tmp_path / "strict.csv"
-    code = steelseg(["predict", "--checkpoint", str(run_dir), "--images", str(folder),
+    code = steelseg(["predict", "--checkpoint", run_dir.target, "--images", str(folder),
                      "--out", str(out), "--strict", "--tta", "--no-progress"])  # fmt: skip
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -188,7 +207,7 @@ def test_checkpoint_paths_a_run_a_sweep_and_errors(run_dir, tmp_path):
     best = best_checkpoint(run_dir)
     assert resolve_checkpoint(best) == best
     assert resolve_checkpoint(run_dir) == best
-    (tmp_path / "best_checkpoint.txt").write_text(f"{best}\n")
+    (tmp_path / "best_checkpoint.txt").write_text(f"{best.target}\n")  # as a sweep writes it
     assert resolve_checkpoint(tmp_path) == best
     with pytest.raises(SteelsegError, match="no such checkpoint"):
         resolve_checkpoint(tmp_path / "missing")
@@ -196,11 +215,12 @@ def test_checkpoint_paths_a_run_a_sweep_and_errors(run_dir, tmp_path):
         resolve_checkpoint(run_dir / "tensorboard")
 
 
-def test_figures_are_written_and_show_the_masks(run_dir, val_images, four_class_dir, tmp_path):
-    predict_to(tmp_path / "sub.csv", run_dir, val_images, progress=False)
+def test_figures_are_written_and_show_the_masks(
+    run_dir, four_class_dir, plain_submission, tmp_path
+):
     out = tmp_path / "figures"
-    code = steelseg(["figures", str(out), "--data", str(four_class_dir), "--run", str(run_dir),
-                     "--submission", str(tmp_path / "sub.csv"), "--count", "2"])  # fmt: skip
+    code = steelseg(["figures", str(out), "--data", str(four_class_dir), "--run", run_dir.target,
+                     "--submission", str(plain_submission), "--count", "2"])  # fmt: skip
     assert code == 0
     for name in ("figure1_samples.png", "figure2_loss.png", "figure3_predictions.png"):
         picture = np.asarray(Image.open(out / name).convert("L"), dtype=np.float32)

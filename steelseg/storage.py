@@ -1,0 +1,216 @@
+"""Where files live: a local path (or a shared filesystem's) or an object-store URI, as one
+``Location`` (a pyarrow filesystem and a path on it), the way Ray Train keeps its runs.
+
+``s3://bucket/path`` and ``gs://bucket/path`` take pyarrow's URI options; an S3-compatible
+store's endpoint comes from ``?endpoint_override=http://host:port`` (Ray's convention) or from
+``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, which pyarrow does not read by itself.
+Credentials come from the environment or the instance role; a URI's query is never shown in a
+message (``Location.uri`` leaves it out).
+"""
+
+import io
+import os
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import pyarrow.fs as pafs
+
+from steelseg.errors import SteelsegError
+
+SCHEMES = ("s3", "gs", "gcs")
+CREDENTIALS = {"access_key", "secret_key", "session_token"}
+
+
+@dataclass(frozen=True)
+class Location:
+    """A file or folder: ``fs`` and ``path`` on it. ``uri`` is how messages name it; ``target``
+    is the whole URI (its query too: an endpoint, never credentials) that ``locate`` takes back,
+    e.g. on another node."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+    query: str = ""
+
+    @property
+    def target(self) -> str:
+        return f"{self.uri}?{self.query}" if self.query else self.uri
+
+    @property
+    def local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path.rstrip("/"))
+
+    def __truediv__(self, part: str) -> "Location":
+        uri = f"{self.uri.rstrip('/')}/{part}"
+        return Location(self.fs, posixpath.join(self.path, part), uri, self.query)
+
+    @property
+    def parent(self) -> "Location":
+        path = posixpath.dirname(self.path.rstrip("/"))
+        uri = self.uri.rstrip("/").rsplit("/", 1)[0]
+        return Location(self.fs, path, uri, self.query)
+
+    def __str__(self) -> str:
+        return self.uri
+
+    # --- reading and writing -----------------------------------------------------------
+
+    def info(self) -> pafs.FileInfo:
+        try:
+            return self.fs.get_file_info(self.path)
+        except OSError as e:
+            raise SteelsegError(f"{self.uri}: {reason(e)}") from None
+
+    def is_file(self) -> bool:
+        return self.info().type == pafs.FileType.File
+
+    def is_dir(self) -> bool:
+        return self.info().type == pafs.FileType.Directory
+
+    def exists(self) -> bool:
+        return self.info().type != pafs.FileType.NotFound
+
+    def children(self) -> list["Location"]:
+        """The files and folders right below this folder (none if it does not exist)."""
+        if not self.is_dir():
+            return []
+        selector = pafs.FileSelector(self.path, recursive=False)
+        try:
+            found = self.fs.get_file_info(selector)
+        except OSError as e:
+            raise SteelsegError(f"{self.uri}: {reason(e)}") from None
+        return [self / posixpath.basename(info.path) for info in found]
+
+    def read_bytes(self) -> bytes:
+        try:
+            # a random-access file reads in one request; an input stream in many small ones
+            # (70 MB: 0.2 s against 18 s from an S3-compatible server here)
+            with self.fs.open_input_file(self.path) as f:
+                return f.read()
+        except FileNotFoundError:
+            raise SteelsegError(f"{self.uri}: no such file") from None
+        except OSError as e:
+            raise SteelsegError(f"{self.uri}: cannot read ({reason(e)})") from None
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def write_bytes(self, data: bytes) -> None:
+        try:
+            if self.local:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            with self.fs.open_output_stream(self.path) as f:
+                f.write(data)
+        except OSError as e:
+            raise SteelsegError(f"{self.uri}: cannot write ({reason(e)})") from None
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode())
+
+    def open_buffer(self) -> io.BytesIO:
+        return io.BytesIO(self.read_bytes())
+
+    def mkdir(self) -> None:
+        try:
+            self.fs.create_dir(self.path, recursive=True)
+        except OSError as e:
+            raise SteelsegError(f"{self.uri}: cannot create ({reason(e)})") from None
+
+    def upload(self, folder: str | os.PathLike) -> None:
+        """Copy a local folder's files here (overwriting those of the same name)."""
+        try:
+            pafs.copy_files(
+                str(folder),
+                self.path,
+                source_filesystem=pafs.LocalFileSystem(),
+                destination_filesystem=self.fs,
+            )
+        except OSError as e:
+            raise SteelsegError(f"{self.uri}: cannot upload ({reason(e)})") from None
+
+    def download(self, folder: str | os.PathLike) -> Path:
+        """Copy this folder's files into a local folder; returns it."""
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        if self.local:
+            import shutil
+
+            shutil.copytree(self.path, folder, dirs_exist_ok=True)
+            return Path(folder)
+        try:
+            pafs.copy_files(
+                self.path,
+                str(folder),
+                source_filesystem=self.fs,
+                destination_filesystem=pafs.LocalFileSystem(),
+            )
+        except OSError as e:
+            raise SteelsegError(f"{self.uri}: cannot download ({reason(e)})") from None
+        return Path(folder)
+
+
+def reason(error: OSError) -> str:
+    """An OSError from pyarrow, on one line and without request ids."""
+    text = " ".join(str(error).split())
+    return text.split(" (Request ID")[0]
+
+
+def is_uri(value: str | os.PathLike) -> bool:
+    return bool(urlsplit(str(value)).scheme) and "://" in str(value)
+
+
+def locate(value: "str | os.PathLike | Location", what: str) -> Location:
+    """A local path (``~`` expanded, made absolute) or a URI as a ``Location``.
+
+    Raises:
+        SteelsegError: a scheme other than s3:// and gs://, or a URI pyarrow cannot use.
+    """
+    if isinstance(value, Location):
+        return value
+    text = str(value)
+    if not is_uri(text):
+        path = Path(os.path.expanduser(text)).resolve()
+        return Location(pafs.LocalFileSystem(), str(path), str(path))
+    check_uri(text, what)
+    parts = urlsplit(text)
+    shown = f"{parts.scheme}://{parts.hostname or ''}{parts.path}"
+    query = dict(parse_qsl(parts.query))
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if parts.scheme == "s3" and endpoint and "endpoint_override" not in query:
+        query["endpoint_override"] = endpoint
+    encoded = urlencode(query)
+    try:
+        fs, path = pafs.FileSystem.from_uri(f"{shown}?{encoded}" if encoded else shown)
+    except (OSError, ValueError, TypeError) as e:
+        raise SteelsegError(f"{what} {shown}: {reason(e)}") from None
+    return Location(fs, path, shown, encoded)
+
+
+def check_uri(value: str, what: str) -> None:
+    """Refuse, without reaching the store, a scheme we cannot use and credentials in a URI.
+
+    Raises:
+        SteelsegError: naming ``what`` and the URI without its query.
+    """
+    if not is_uri(value):
+        return
+    parts = urlsplit(value)
+    shown = f"{parts.scheme}://{parts.hostname or ''}{parts.path}"
+    if parts.scheme not in SCHEMES:
+        raise SteelsegError(
+            f"{what} {shown}: {parts.scheme}:// is not supported; use a local or shared path, "
+            "s3:// or gs://"
+        )
+    secret = sorted(set(dict(parse_qsl(parts.query))) & CREDENTIALS)
+    if parts.username or parts.password:
+        secret.insert(0, "user:password@")
+    if secret:
+        raise SteelsegError(
+            f"{what} {shown}: credentials in a URI ({', '.join(secret)}) would be stored with the "
+            "run; set them in the environment (AWS_ACCESS_KEY_ID, ...) instead"
+        )
