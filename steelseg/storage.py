@@ -125,6 +125,8 @@ class Location:
     def upload(self, folder: str | os.PathLike) -> None:
         """Copy a local folder's files here (overwriting those of the same name)."""
         try:
+            if self.local:  # pyarrow creates no local folders; an object store needs none
+                Path(self.path).mkdir(parents=True, exist_ok=True)
             pafs.copy_files(
                 str(folder),
                 self.path,

@@ -71,6 +71,7 @@ class S3Store:
         from raynodes import end_trees
 
         end_trees([self.process.pid])
+        self.process.wait()
 
 
 @pytest.fixture(scope="session")

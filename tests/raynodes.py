@@ -53,8 +53,17 @@ def end_trees(roots: list[int], grace_s: float = 5.0) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        while time.monotonic() < deadline and any(alive(p) for p in pids):
             time.sleep(0.1)
+
+
+def alive(pid: int) -> bool:
+    """Running: an ended process that its parent has not reaped yet (a zombie) is not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 class Node:
@@ -77,6 +86,7 @@ class Node:
 
     def end(self) -> None:
         end_trees([self.process.pid])
+        self.process.wait()
 
 
 class LocalCluster:
@@ -137,4 +147,6 @@ class LocalCluster:
 
     def shutdown(self) -> None:
         end_trees([node.process.pid for node in self.nodes])
+        for node in self.nodes:
+            node.process.wait()
         shutil.rmtree(self.tmp, ignore_errors=True)

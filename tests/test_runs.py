@@ -79,3 +79,14 @@ def test_tensorboard_sync_copies_only_what_changed(s3, tmp_path):
     (run / "tensorboard" / "events.out.tfevents.1").write_bytes(b"first, then more")
     assert sync_tensorboard(run, cache) == 1
     assert (cache / "tensorboard" / "events.out.tfevents.1").read_bytes() == b"first, then more"
+
+
+def test_upload_creates_the_local_folder_it_copies_into(tmp_path):
+    from steelseg.storage import locate
+
+    staging = tmp_path / "staging"
+    (staging / "sub").mkdir(parents=True)
+    (staging / "sub" / "events.1").write_bytes(b"x")
+    target = locate(tmp_path / "run" / "tensorboard" / "hparams", "run")
+    target.upload(staging)
+    assert (tmp_path / "run" / "tensorboard" / "hparams" / "sub" / "events.1").read_bytes() == b"x"
