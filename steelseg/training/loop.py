@@ -3,11 +3,13 @@ epoch metrics -> save. Every rank runs it; only rank 0 writes TensorBoard logs, 
 checkpoint files, and every rank calls ``ray.train.report`` once per epoch.
 """
 
+import hashlib
 import os
 import resource
 import shutil
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -43,6 +45,8 @@ class Worker:
 
     def __init__(self, loop_config: dict):
         self.config = config = TrainConfig.from_dict(loop_config["config"])
+        # located once: for a bucket, each lookup builds a filesystem (and may resolve a region)
+        self.run_dir = config.run_dir
         self.steps = loop_config["steps_per_epoch"]
         self.batches = loop_config["batches_per_epoch"]
         self.rank = ray.train.get_context().get_world_rank()
@@ -55,7 +59,7 @@ class Worker:
         self.model = ray.train.torch.prepare_model(self.bare)
         self.writer = self._tensorboard() if self.rank == 0 else None
         if self.rank == 0:
-            runs.trim_history(config.run_dir, self.start_epoch)
+            runs.trim_history(self.run_dir, self.start_epoch)
         self.nodes, self.pids = gather_workers()
 
     def run(self) -> None:
@@ -163,8 +167,8 @@ class Worker:
         if self.rank == 0:
             log_epoch(self.writer, metrics, samples, self.global_step)
             if self.tensorboard_staging:  # the run's folder is in an object store
-                runs.tensorboard_dir(self.config.run_dir).upload(self.tensorboard_staging)
-            runs.append_history(self.config.run_dir, metrics)
+                runs.tensorboard_dir(self.run_dir).upload(self.tensorboard_staging)
+            runs.append_history(self.run_dir, metrics)
             self.sender.epoch(metrics)
             state = {
                 "model": self.bare.state_dict(),
@@ -196,9 +200,14 @@ class Worker:
         into a local folder uploaded after every epoch."""
         from torch.utils.tensorboard import SummaryWriter
 
-        folder = runs.tensorboard_dir(self.config.run_dir)
+        folder = runs.tensorboard_dir(self.run_dir)
         if not folder.local:
-            self.tensorboard_staging = tempfile.mkdtemp(prefix="steelseg-tensorboard-")
+            # one staging folder per run, which a restarted attempt reuses: an attempt that is
+            # killed (a failed worker, a trial ASHA stops) cannot remove its own
+            key = hashlib.sha1(folder.uri.encode()).hexdigest()[:12]
+            staging = Path(tempfile.gettempdir()) / f"steelseg-tensorboard-{key}"
+            staging.mkdir(exist_ok=True)
+            self.tensorboard_staging = str(staging)
         # purge_step drops events a crashed attempt wrote past the checkpoint we resume from;
         # the checkpointed epoch's own curves were logged at its last step, so they stay
         purge = self.global_step + 1 if self.global_step else None
