@@ -7,12 +7,19 @@ cluster started on this machine with ``ray start`` (whose address Ray records in
 that died is ignored and a local Ray is started instead of waiting on the dead address.
 """
 
+import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from steelseg.errors import SteelsegError
+from steelseg.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +67,29 @@ def init_ray(num_cpus: int, *, verbose: bool = False, progress_bars: bool = Fals
     context.print_on_execution_start = False
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
+    address = _init(num_cpus, verbose)
+    stop_as_interrupt()  # after ray.init, which installs a SIGTERM handler of its own
+    return address
+
+
+def stop_as_interrupt():
+    """Take SIGTERM (what `ray job stop` and Kubernetes send) as Ctrl-C, which Ray Train and
+    Tune answer by ending the run cleanly: workers stopped, their resources given back at once
+    (an elastic run's reservation would otherwise hold them for minutes), a sweep's state
+    saved. Returns the handler it replaced (None off the main thread, where it cannot)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame) -> None:
+        log.warning("stop requested (SIGTERM): ending the run cleanly")
+        signal.raise_signal(signal.SIGINT)
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
+def _init(num_cpus: int, verbose: bool) -> str:
+    import ray
+
     quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
     address = os.environ.get("RAY_ADDRESS", "")
     if address and address not in ("auto", "local"):
@@ -86,3 +116,88 @@ def init_ray(num_cpus: int, *, verbose: bool = False, progress_bars: bool = Fals
     ray.init(address="local", num_cpus=cpus, include_dashboard=verbose, **quiet)
     log.info("started a local Ray with %d CPUs", cpus)
     return ""
+
+
+# --- local paths on a cluster of several nodes -------------------------------------------------
+
+SHARED_HINT = (
+    "use a shared filesystem mounted at the same path on every node, or an s3:// or gs:// URI"
+)
+
+
+def probe(path: str, size: int, reply: bool) -> tuple[str, str]:
+    """How one node sees ``path``: (what is wrong, '' if nothing; the file it wrote next to
+    ``path`` when ``reply``, for the driver to look for)."""
+    try:
+        seen = os.path.getsize(path)
+    except OSError:
+        return "cannot see it", ""
+    if seen != size:
+        return f"sees a different file there ({seen} bytes, not {size})", ""
+    if not reply:
+        return "", ""
+    answer = f"{path}.{uuid.uuid4().hex}"
+    try:
+        Path(answer).write_text(socket.gethostname())
+    except OSError as e:
+        return f"cannot write there ({e.strerror})", ""
+    return "", answer
+
+
+def on_every_node(fn: Callable, *args) -> dict[str, Any]:
+    """``fn(*args)`` run once on every alive node of the cluster: node address -> result."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0, max_retries=0)(fn)
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    calls = {
+        f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})": task.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(*args)
+        for n in nodes
+    }
+    return dict(zip(calls, ray.get(list(calls.values()))))
+
+
+def node_count() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n["Alive"])
+
+
+def check_shared(
+    location: Location, what: str, *, write: bool, run: Callable = on_every_node
+) -> None:
+    """Refuse a local path that some node of the cluster does not see as this one does.
+
+    A folder to ``write`` gets a marker file that every node must read and answer next to; a
+    file to read must be there, the same size, on every node. Does nothing for a URI. ``run``
+    runs a function on every node (``on_every_node``).
+
+    Raises:
+        SteelsegError: naming ``what``, the path and the first node that does not see it.
+    """
+    if not location.local:
+        return
+    target = location
+    if write:
+        location.mkdir()
+        target = location / f".steelseg-shared-{uuid.uuid4().hex}"
+        target.write_text("every node must see this file")
+    seen: dict[str, tuple[str, str]] = {}
+    try:
+        seen = run(probe, target.path, Path(target.path).stat().st_size, write)
+        for node, (problem, answer) in seen.items():
+            if not problem and answer and not os.path.exists(answer):
+                problem = "writes files there that this node does not see"
+            if problem:
+                raise SteelsegError(
+                    f"{what} {location}: not the same on every node of the cluster (node "
+                    f"{node} {problem}); {SHARED_HINT}"
+                )
+    finally:
+        if write:
+            for leftover in [target.path, *(answer for _, answer in seen.values() if answer)]:
+                with contextlib.suppress(OSError):
+                    os.remove(leftover)

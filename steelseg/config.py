@@ -12,17 +12,16 @@ import argparse
 import dataclasses
 import json
 import os
+import posixpath
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from steelseg.domain import ENCODER_STRIDE, N_CLASSES
 from steelseg.errors import SteelsegError
-from steelseg.paths import local_path
 from steelseg.storage import Location, check_uri, locate
 
 GROUPS = {
@@ -111,7 +110,15 @@ class TrainConfig:
     seed: int = setting(0, "seed of the split, shuffles, augmentation and initialisation", "recipe")
     amp: bool = setting(True, "bf16 autocast and channels_last on GPU", "recipe")
 
-    num_workers: int = setting(2, "Ray Train workers (DDP ranks)", "scaling")
+    num_workers: int = setting(
+        2, "Ray Train workers (DDP ranks); MIN..MAX (e.g. 1..4) for elastic training", "scaling"
+    )
+    min_workers: int = setting(
+        0,
+        "elastic training: the fewest workers the run goes on with when nodes go away, growing "
+        "back to num_workers when they return (0: always num_workers)",
+        "scaling",
+    )
     use_gpu: bool = setting(False, "one GPU per worker", "scaling")
     cpus_per_worker: float = setting(1.0, "CPUs reserved per worker", "scaling")
     placement_strategy: str = setting(
@@ -139,6 +146,8 @@ class TrainConfig:
                 if getattr(self, name) < low:
                     rule = "must be at least 1" if low else "must be >= 0"
                     _bad(name, rule, getattr(self, name))
+        if not 0 <= self.min_workers <= self.num_workers:
+            _bad("min_workers", f"must be in 0..num_workers ({self.num_workers})", self.min_workers)
         for name in ("cpus_per_worker", "lr"):
             if getattr(self, name) <= 0:
                 _bad(name, "must be positive", getattr(self, name))
@@ -165,11 +174,17 @@ class TrainConfig:
                 f"must be {' or '.join(PLACEMENT_STRATEGIES)}",
                 self.placement_strategy,
             )
-        for name in ("data", "pretrained"):
-            local_path(getattr(self, name), f"config {name}")
-        check_uri(self.storage, "config storage")
+        for name in ("data", "pretrained", "storage"):
+            check_uri(getattr(self, name), f"config {name}")
         if self.pos_weight is not None and len(self.pos_weight) != N_CLASSES:
             _bad("pos_weight", f"needs {N_CLASSES} values", self.pos_weight)
+
+    @property
+    def workers(self) -> int | tuple[int, int]:
+        """Ray Train's ``num_workers``: a number, or (min, max) for elastic training."""
+        if self.min_workers and self.min_workers < self.num_workers:
+            return (self.min_workers, self.num_workers)
+        return self.num_workers
 
     @property
     def storage_path(self) -> str:
@@ -185,8 +200,8 @@ class TrainConfig:
         workers on other nodes (or with another working directory) need them."""
         pretrained = self.pretrained
         if pretrained and pretrained != "imagenet":
-            pretrained = str(Path(os.path.expanduser(pretrained)).resolve())
-        data = str(Path(os.path.expanduser(self.data)).resolve()) if self.data else ""
+            pretrained = locate(pretrained, "config pretrained").target
+        data = locate(self.data, "config data").target if self.data else ""
         return self.replace(data=data, pretrained=pretrained, storage=self.storage_path)
 
     def to_dict(self) -> dict[str, Any]:
@@ -199,6 +214,7 @@ class TrainConfig:
         unknown = sorted(set(values) - set(FIELDS))
         if unknown:
             raise SteelsegError(f"{source}: unknown config key(s) {', '.join(unknown)}")
+        values = _worker_range(values, source)
         return cls(**{k: coerce(k, v, source) for k, v in values.items()})
 
     def replace(self, **changes: Any) -> "TrainConfig":
@@ -206,6 +222,23 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _worker_range(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """``num_workers: MIN..MAX`` (elastic) as ``min_workers`` and ``num_workers``."""
+    workers = values.get("num_workers")
+    if not (isinstance(workers, str) and ".." in workers):
+        return values
+    low, _, high = workers.partition("..")
+    try:
+        low, high = int(low), int(high)
+    except ValueError:
+        raise SteelsegError(
+            f"{source}: config num_workers must be a number or MIN..MAX, got {workers!r}"
+        ) from None
+    if not 1 <= low <= high:
+        raise SteelsegError(f"{source}: config num_workers {workers}: need 1 <= MIN <= MAX")
+    return {**values, "min_workers": low, "num_workers": high}
 
 
 def _bad(name: str, rule: str, value: Any) -> typing.NoReturn:
@@ -300,24 +333,25 @@ def _show(value: Any) -> str:
 def from_args(args: argparse.Namespace) -> TrainConfig:
     """The config from ``--config FILE`` (if any) overridden by the flags given."""
     values = read_config_file(args.config) if args.config else {}
-    flags = {k: coerce(k, v, COMMAND_LINE) for k, v in vars(args).items() if k in FIELDS}
+    flags = _worker_range({k: v for k, v in vars(args).items() if k in FIELDS}, COMMAND_LINE)
+    flags = {k: coerce(k, v, COMMAND_LINE) for k, v in flags.items()}
     return TrainConfig.from_dict({**values, **flags}, args.config or COMMAND_LINE)
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A YAML or JSON mapping of config keys (not yet checked against TrainConfig)."""
-    path = local_path(path, "config file")
+    """A YAML or JSON mapping of config keys (not yet checked against TrainConfig), from a
+    local file or a URI."""
+    path = locate(path, "config file")
+    if not path.is_file():
+        raise SteelsegError(f"{path}: no such config file")
+    suffix = posixpath.splitext(path.name)[1]
     try:
         text = path.read_text()
-    except OSError as e:
-        raise SteelsegError(f"{path}: cannot read config ({e.strerror})") from None
-    try:
-        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        values = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
         reason = " ".join(str(e).split())
-        raise SteelsegError(
-            f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'} ({reason})"
-        ) from None
+        kind = suffix.lstrip(".") or "YAML"
+        raise SteelsegError(f"{path}: not valid {kind} ({reason})") from None
     if values is None:
         return {}
     if not isinstance(values, dict):

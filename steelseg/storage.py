@@ -12,6 +12,7 @@ import io
 import os
 import posixpath
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -87,12 +88,13 @@ class Location:
             raise SteelsegError(f"{self.uri}: {reason(e)}") from None
         return [self / posixpath.basename(info.path) for info in found]
 
-    def read_bytes(self) -> bytes:
+    def read_bytes(self, limit: int | None = None) -> bytes:
+        """The file's bytes, or its first ``limit`` bytes (one ranged request on a store)."""
         try:
             # a random-access file reads in one request; an input stream in many small ones
             # (70 MB: 0.2 s against 18 s from an S3-compatible server here)
             with self.fs.open_input_file(self.path) as f:
-                return f.read()
+                return f.read(limit)
         except FileNotFoundError:
             raise SteelsegError(f"{self.uri}: no such file") from None
         except OSError as e:
@@ -166,6 +168,14 @@ def is_uri(value: str | os.PathLike) -> bool:
     return bool(urlsplit(str(value)).scheme) and "://" in str(value)
 
 
+def shown(value: str | os.PathLike) -> str:
+    """A path or URI as messages show it: a URI without its query."""
+    if not is_uri(value):
+        return str(value)
+    parts = urlsplit(str(value))
+    return f"{parts.scheme}://{parts.hostname or ''}{parts.path}"
+
+
 def locate(value: "str | os.PathLike | Location", what: str) -> Location:
     """A local path (``~`` expanded, made absolute) or a URI as a ``Location``.
 
@@ -180,17 +190,25 @@ def locate(value: "str | os.PathLike | Location", what: str) -> Location:
         return Location(pafs.LocalFileSystem(), str(path), str(path))
     check_uri(text, what)
     parts = urlsplit(text)
-    shown = f"{parts.scheme}://{parts.hostname or ''}{parts.path}"
     query = dict(parse_qsl(parts.query))
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if parts.scheme == "s3" and endpoint and "endpoint_override" not in query:
         query["endpoint_override"] = endpoint
     encoded = urlencode(query)
     try:
-        fs, path = pafs.FileSystem.from_uri(f"{shown}?{encoded}" if encoded else shown)
+        fs = _bucket_filesystem(parts.scheme, parts.hostname or "", encoded)
     except (OSError, ValueError, TypeError) as e:
-        raise SteelsegError(f"{what} {shown}: {reason(e)}") from None
-    return Location(fs, path, shown, encoded)
+        raise SteelsegError(f"{what} {shown(text)}: {reason(e)}") from None
+    path = f"{parts.hostname or ''}{parts.path}".rstrip("/")
+    return Location(fs, path, shown(text), encoded)
+
+
+@lru_cache(maxsize=32)
+def _bucket_filesystem(scheme: str, bucket: str, query: str) -> pafs.FileSystem:
+    """One filesystem per bucket and options, made once per process: making one may ask the
+    store for the bucket's region, and a data set's images are located one by one."""
+    uri = f"{scheme}://{bucket}"
+    return pafs.FileSystem.from_uri(f"{uri}?{query}" if query else uri)[0]
 
 
 def check_uri(value: str, what: str) -> None:
@@ -202,17 +220,16 @@ def check_uri(value: str, what: str) -> None:
     if not is_uri(value):
         return
     parts = urlsplit(value)
-    shown = f"{parts.scheme}://{parts.hostname or ''}{parts.path}"
     if parts.scheme not in SCHEMES:
         raise SteelsegError(
-            f"{what} {shown}: {parts.scheme}:// is not supported; use a local or shared path, "
-            "s3:// or gs://"
+            f"{what} {shown(value)}: {parts.scheme}:// is not supported; use a local or shared "
+            "path, s3:// or gs://"
         )
     secret = sorted(set(dict(parse_qsl(parts.query))) & CREDENTIALS)
     if parts.username or parts.password:
         secret.insert(0, "user:password@")
     if secret:
         raise SteelsegError(
-            f"{what} {shown}: credentials in a URI ({', '.join(secret)}) would be stored with the "
-            "run; set them in the environment (AWS_ACCESS_KEY_ID, ...) instead"
+            f"{what} {shown(value)}: credentials in a URI ({', '.join(secret)}) would be stored "
+            "with the run; set them in the environment (AWS_ACCESS_KEY_ID, ...) instead"
         )

@@ -58,7 +58,10 @@ def test_unknown_subcommand_exits_nonzero():
     assert info.value.code == 2
 
 
-def test_validate_lists_every_problem_when_a_bad_rle_is_on_an_existing_image(data_copy, capsys):
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_validate_lists_every_problem_when_a_bad_rle_is_on_an_existing_image(
+    where, data_copy, request, capsys
+):
     names = sorted(p.name for p in (data_copy / "train_images").iterdir())
     masked = [line.split(",")[0] for line in (data_copy / "train.csv").read_text().splitlines()[1:]]
     truncated = masked[0]
@@ -69,7 +72,11 @@ def test_validate_lists_every_problem_when_a_bad_rle_is_on_an_existing_image(dat
         f.write(f"{clean},3,10 5 3 7\n")  # runs out of order
         f.write("ghost.jpg,1,1 2\n")
     rows = len((data_copy / "train.csv").read_text().splitlines())
-    assert main(["validate", str(data_copy)]) == 1
+    data, shown = str(data_copy), str(data_copy)
+    if where == "bucket":  # listed, sized and decoded from the store, nothing copied here
+        s3 = request.getfixturevalue("s3")
+        data, shown = s3.upload(data_copy, "validate/data"), "s3://steelseg/validate/data"
+    assert main(["validate", data]) == 1
     out = capsys.readouterr().out.splitlines()
     assert f"train_images/{truncated}: unreadable image" in "\n".join(out)
     assert any(
@@ -78,20 +85,20 @@ def test_validate_lists_every_problem_when_a_bad_rle_is_on_an_existing_image(dat
     )
     assert any(line.startswith(f"train.csv row {rows}: image ghost.jpg") for line in out)
     assert out[0].startswith("58 images")  # the summary leaves out the two flagged images
-    assert out[-1] == f"3 problem(s) in {data_copy}"
+    assert out[-1] == f"3 problem(s) in {shown}"
 
 
 @pytest.mark.parametrize(
     "argv",
     [
-        ["validate", "gs://bucket/severstal"],
-        ["evaluate", "--truth", "s3://b/train.csv", "--images", ".", "--submission", "s.csv"],
+        ["validate", "http://host/severstal"],
+        ["evaluate", "--truth", "hdfs://b/train.csv", "--images", ".", "--submission", "s.csv"],
     ],
 )
-def test_uris_are_refused_in_one_line(argv, capsys):
+def test_other_uri_schemes_are_refused_in_one_line(argv, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "URIs are not supported yet" in err
+    assert err.count("\n") == 1 and ":// is not supported; use a local or shared path" in err
 
 
 def test_a_store_that_does_not_answer_is_one_line_naming_the_uri(capsys):
@@ -134,3 +141,20 @@ def test_the_readmes_python_api_imports_work():
     exec("\n".join(imports), namespace)
     for name in ("TrainConfig", "fit", "predict", "calibrate", "sweep", "score_submission"):
         assert callable(namespace[name]), name
+
+
+def test_sigterm_is_taken_as_ctrl_c_so_ray_ends_the_run_cleanly():
+    import os
+    import signal
+
+    from steelseg.cluster import stop_as_interrupt
+
+    previous = stop_as_interrupt()
+    try:
+        with pytest.raises(KeyboardInterrupt):  # what Ray Train's and Tune's handlers act on
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):  # the handlers run between bytecodes
+                pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert signal.getsignal(signal.SIGTERM) is previous

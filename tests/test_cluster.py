@@ -2,6 +2,7 @@
 decisions with Ray's ``init`` recorded, and the real attach on the test cluster."""
 
 import logging
+import os
 import socket
 from pathlib import Path
 
@@ -66,15 +67,83 @@ def test_ray_address_that_does_not_answer_is_a_one_line_error(calls, monkeypatch
     assert calls == []
 
 
-def test_train_job_attaches_to_a_running_cluster_and_prints_only_progress(cluster, trained_run):
-    """The shared run's first part is the README's main command with a `ray start` cluster
-    running on the machine."""
-    run_dir, _, job, _ = trained_run
-    attached = f"attached to the running Ray cluster at {cluster.address} (started with ray start)"
-    assert job.stderr.strip() == attached
-    lines = job.stdout.strip().splitlines()
-    assert lines[0].startswith("epoch 1/1: train loss ") and "img/s" in lines[0]
-    assert lines[1].startswith("finished epoch 1: val Dice")
-    assert lines[2] == f"run:         {run_dir.target}"
-    assert any(line.strip().startswith("steelseg calibrate") for line in lines)
-    assert len(lines) == 9, job.stdout  # nothing else: no Ray logs, no metric dicts, no warnings
+def test_submitted_train_job_attaches_and_prints_only_progress(trained_run):
+    """`ray job logs` of the shared run's first job, up to its stop: Ray's line, the job's
+    first line saying where it runs, then one line an epoch, nothing else."""
+    from conftest import STOPPED
+
+    _, logs = trained_run.submitted[STOPPED]
+    lines = logs.strip().splitlines()  # after the CLI's own lines
+    first = lines.index(next(x for x in lines if x.startswith("Running entrypoint for job")))
+    lines = lines[first : lines.index(next(x for x in lines if x.startswith("epoch 2/4"))) + 1]
+    assert lines[0].startswith("Running entrypoint for job steelseg-test-stopped: python -m")
+    assert lines[1].startswith("attached to the Ray cluster at ") and "(RAY_ADDRESS)" in lines[1]
+    for epoch, line in enumerate(lines[2:], start=1):
+        assert line.startswith(f"epoch {epoch}/4: train loss ") and "val Dice" in line
+        assert "img/s" in line and "left" in line
+    assert len(lines) == 4, lines  # no Ray logs, no metric dicts, no warnings
+
+
+# --- local paths on several nodes --------------------------------------------------------------
+
+
+def two_nodes(seen_here: Path, seen_there: Path):
+    """Runs a function as two nodes would: the second sees ``seen_there`` where this machine
+    has ``seen_here`` (two separate folders, as two machines without a shared disk)."""
+
+    def run(fn, path, *args):
+        return {
+            "10.0.0.1": fn(path, *args),
+            "10.0.0.2": fn(path.replace(str(seen_here), str(seen_there)), *args),
+        }
+
+    return run
+
+
+def test_a_folder_that_every_node_sees_passes_and_keeps_no_marker(tmp_path):
+    from steelseg.cluster import check_shared
+    from steelseg.storage import locate
+
+    check_shared(locate(tmp_path / "runs", "storage"), "storage", write=True,
+                 run=two_nodes(tmp_path, tmp_path))  # fmt: skip
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_a_storage_folder_one_node_cannot_see_is_refused_in_one_line(tmp_path):
+    from steelseg.cluster import check_shared
+    from steelseg.storage import locate
+
+    here, there = tmp_path / "a", tmp_path / "b"
+    (there / "runs").mkdir(parents=True)
+    with pytest.raises(SteelsegError) as info:
+        check_shared(locate(here / "runs", "storage"), "storage", write=True,
+                     run=two_nodes(here, there))  # fmt: skip
+    assert str(info.value) == (
+        f"storage {here / 'runs'}: not the same on every node of the cluster (node 10.0.0.2 "
+        "cannot see it); use a shared filesystem mounted at the same path on every node, "
+        "or an s3:// or gs:// URI"
+    )
+    assert list((here / "runs").iterdir()) == [] and list((there / "runs").iterdir()) == []
+
+
+def test_a_data_set_that_differs_on_a_node_is_refused(tmp_path):
+    from steelseg.cluster import check_shared
+    from steelseg.storage import locate
+
+    for folder, text in (("a", "ImageId,ClassId,EncodedPixels\n"), ("b", "ImageId\n")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "train.csv").write_text(text)
+    csv = locate(tmp_path / "a" / "train.csv", "data")
+    with pytest.raises(SteelsegError, match=r"node 10.0.0.2 sees a different file there \(8 "):
+        check_shared(csv, "data", write=False, run=two_nodes(tmp_path / "a", tmp_path / "b"))
+    check_shared(csv, "data", write=False, run=two_nodes(tmp_path / "a", tmp_path / "a"))
+
+
+def test_every_node_of_the_test_cluster_sees_a_local_folder(cluster, tmp_path):
+    from steelseg.cluster import check_shared, on_every_node
+    from steelseg.storage import locate
+
+    seen = on_every_node(lambda: os.getpid())
+    assert len(seen) == 2 and len(set(seen.values())) == 2  # one answer a node
+    check_shared(locate(tmp_path, "storage"), "storage", write=True)
+    assert list(tmp_path.iterdir()) == []

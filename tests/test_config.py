@@ -106,7 +106,7 @@ def test_train_job_unknown_config_key_is_one_line_and_exit_1(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("name", "text", "message"),
     [
-        ("missing.yaml", None, "missing.yaml: cannot read config (No such file or directory)"),
+        ("missing.yaml", None, "missing.yaml: no such config file"),
         ("run.json", '{"lr": 0.1,}', "run.json: not valid json"),
         ("run.json", '{"pos_weight": ["a", 1, 1, 1]}', "config pos_weight must be float, got 'a'"),
     ],
@@ -144,13 +144,23 @@ def test_resolved_paths_are_absolute(tmp_path, monkeypatch):
     assert TrainConfig().resolved().data == ""
 
 
-@pytest.mark.parametrize("key", ["data", "pretrained"])
-def test_object_store_uris_are_refused_in_one_line_without_credentials(key):
+@pytest.mark.parametrize("key", ["data", "pretrained", "storage"])
+def test_uris_with_credentials_or_other_schemes_are_refused_in_one_line(key):
     with pytest.raises(SteelsegError) as info:
-        TrainConfig(**{key: "s3://KEY:SECRET@bucket/runs?endpoint_override=http://x"})
+        TrainConfig(**{key: "s3://bucket/d?endpoint_override=http://x&secret_key=SECRET"})
     message = str(info.value)
-    assert message.startswith(f"config {key} s3://bucket/runs: s3:// URIs are not supported yet")
+    assert message.startswith(f"config {key} s3://bucket/d: credentials in a URI (secret_key)")
     assert "SECRET" not in message and "\n" not in message
+    with pytest.raises(SteelsegError, match=f"^config {key} hdfs://nn/d: hdfs:// is not"):
+        TrainConfig(**{key: "hdfs://nn/d"})
+
+
+def test_data_and_pretrained_uris_keep_their_endpoint_when_resolved(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9000")
+    config = TrainConfig(data="s3://bucket/severstal", pretrained="gs://w/resnet18.pth")
+    resolved = config.resolved()
+    assert resolved.data == "s3://bucket/severstal?endpoint_override=http%3A%2F%2F127.0.0.1%3A9000"
+    assert resolved.pretrained == "gs://w/resnet18.pth"  # the S3 endpoint is not GCS's
 
 
 def test_storage_may_be_a_bucket_but_never_with_credentials_in_the_uri():
@@ -162,3 +172,19 @@ def test_storage_may_be_a_bucket_but_never_with_credentials_in_the_uri():
     message = str(info.value)
     assert message.startswith("config storage s3://bucket/runs: credentials in a URI")
     assert "hunter2" not in message and "AKIAXYZ" not in message and "\n" not in message
+
+
+def test_a_worker_range_is_elastic_training():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = from_args(parser.parse_args(["--num-workers", "1..4"]))
+    assert (config.min_workers, config.num_workers, config.workers) == (1, 4, (1, 4))
+    assert TrainConfig(num_workers=3).workers == 3
+    assert TrainConfig.from_dict({"num_workers": "2..2"}).workers == 2  # not elastic
+    for bad in ("4..1", "0..2", "a..b"):
+        with pytest.raises(SteelsegError, match=f"config num_workers.*{bad}"):
+            TrainConfig.from_dict({"num_workers": bad})
+    with pytest.raises(SteelsegError, match="config min_workers must be in 0..num_workers"):
+        TrainConfig(num_workers=2, min_workers=3)

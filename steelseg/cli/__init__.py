@@ -57,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SteelsegError as e:
         print_error(e)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C, or `ray job stop` (see steelseg.cluster.init_ray)
+        print("steelseg: stopped", file=sys.stderr)
+        return 130
 
 
 def print_error(error: SteelsegError) -> None:

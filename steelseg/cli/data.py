@@ -40,7 +40,7 @@ def synth(args: argparse.Namespace) -> int:
 
 
 def validate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data_dir", help="folder with train.csv and train_images/")
+    p.add_argument("data_dir", help="folder or s3:// / gs:// URI with train.csv and train_images/")
     p.add_argument("--size", help="required HEIGHTxWIDTH (default: the most common size)")
     p.add_argument(
         "--modalities", default="visible", help="image folders to check, e.g. visible,ir"
@@ -49,6 +49,7 @@ def validate_arguments(p: argparse.ArgumentParser) -> None:
 
 def validate(args: argparse.Namespace) -> int:
     from steelseg.data import catalog
+    from steelseg.storage import shown
 
     modalities = args.modalities.split(",")
     size = parse_size(args.size) if args.size else None
@@ -56,7 +57,7 @@ def validate(args: argparse.Namespace) -> int:
     print(format_summary(catalog.summary(table, problems)))
     for problem in problems:
         print(problem)
-    print(f"{len(problems)} problem(s) in {args.data_dir}")
+    print(f"{len(problems)} problem(s) in {shown(args.data_dir)}")
     return 1 if problems else 0
 
 

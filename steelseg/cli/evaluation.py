@@ -3,11 +3,11 @@
 import argparse
 import json
 import tempfile
+from pathlib import Path
 
 from steelseg.cli.command import Command
 from steelseg.domain import HAS_COLUMNS, RLE_COLUMNS
 from steelseg.errors import SteelsegError
-from steelseg.paths import local_path
 
 
 def evaluate_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +29,9 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def figures_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out", help="folder for figure1_samples.png, figure2_loss.png, ...")
+    p.add_argument(
+        "out", help="folder or s3:// / gs:// URI for figure1_samples.png, figure2_loss.png, ..."
+    )
     p.add_argument("--data", help="data folder: Figure 1 samples (and the truth for Figure 3)")
     p.add_argument(
         "--run", dest="run_dir", help="training run folder: Figure 2 loss curves (TensorBoard)"
@@ -39,6 +41,20 @@ def figures_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def figures(args: argparse.Namespace) -> int:
+    from steelseg.storage import locate
+
+    out = locate(args.out, "figures folder")
+    # drawn in a temporary folder, then copied (uploaded) to ``out``: nothing is left there
+    # when a figure cannot be drawn
+    with tempfile.TemporaryDirectory(prefix="steelseg-figures-") as folder:
+        written = draw_figures(args, Path(folder))
+        out.upload(folder)
+    for path in written:
+        print(f"wrote {out / path.name}")
+    return 0
+
+
+def draw_figures(args: argparse.Namespace, out: Path) -> list[Path]:
     import logging
 
     from steelseg import runs
@@ -46,7 +62,6 @@ def figures(args: argparse.Namespace) -> int:
     from steelseg.evaluation import figures
     from steelseg.storage import locate
 
-    out = local_path(args.out, "figures folder")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if args.data:
@@ -67,9 +82,7 @@ def figures(args: argparse.Namespace) -> int:
         written.append(figures.predictions_figure(samples, out / "figure3_predictions.png"))
     if not written:
         raise SteelsegError("figures: nothing to draw; give --data, --run and/or --submission")
-    for path in written:
-        print(f"wrote {path}")
-    return 0
+    return [Path(p) for p in written]
 
 
 def submission_samples(table, submission: str, count: int) -> list:
@@ -79,9 +92,11 @@ def submission_samples(table, submission: str, count: int) -> list:
 
     from steelseg.data import images, rle
     from steelseg.evaluation import score
+    from steelseg.storage import locate
 
+    submission = locate(submission, "submission")
     listed: set[str] = set()
-    predicted = score.read_rows(local_path(submission, "submission"), listed)
+    predicted = score.read_rows(submission, listed)
     shown = table[table["image_id"].isin(listed)]
     if shown.empty:
         raise SteelsegError(f"{submission}: none of its images is in the data folder")

@@ -7,18 +7,18 @@ Parquet.
 """
 
 import csv
+import io
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from steelseg.data import rle
+from steelseg.data.images import open_image
 from steelseg.domain import (
     CLASS_IDS,
     CURRENT_HEADER,
@@ -27,7 +27,7 @@ from steelseg.domain import (
     SUBMISSION_HEADER,
 )
 from steelseg.errors import RLEError, SteelsegError
-from steelseg.paths import local_path
+from steelseg.storage import Location, is_uri, locate
 
 HEADERS = (CURRENT_HEADER, ORIGINAL_HEADER, SUBMISSION_HEADER)
 
@@ -66,21 +66,24 @@ def modality_dir(modality: str) -> str:
 
 
 def read_masks(
-    csv_path: Path, listed: set[str] | None = None
+    csv_path: "str | os.PathLike | Location", listed: set[str] | None = None
 ) -> tuple[list[MaskRow], list[Problem]]:
-    """Read train.csv in either format (or a submission) into non-empty mask rows and per-row
-    problems; ``listed`` collects every image the file names, empty rows included.
+    """Read train.csv in either format (or a submission), local or in a bucket, into non-empty
+    mask rows and per-row problems; ``listed`` collects every image the file names, empty rows
+    included.
 
     Raises:
         SteelsegError: the file is missing or its header is neither known format.
     """
+    location = locate(csv_path, "CSV file")
     try:
-        with open(csv_path, newline="") as f:
-            return _read_mask_rows(csv.reader(f), csv_path.name, listed)
-    except FileNotFoundError:
-        raise SteelsegError(f"{csv_path}: no such file") from None
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise SteelsegError(f"{csv_path}: not a readable CSV file ({e})") from None
+        text = location.read_text()
+    except UnicodeDecodeError as e:
+        raise SteelsegError(f"{location}: not a readable CSV file ({e})") from None
+    try:
+        return _read_mask_rows(csv.reader(io.StringIO(text, newline="")), location.name, listed)
+    except csv.Error as e:
+        raise SteelsegError(f"{location}: not a readable CSV file ({e})") from None
 
 
 def _read_mask_rows(
@@ -136,28 +139,50 @@ class ImageInfo:
     error: str = ""
 
 
-def inspect_image(path: Path, *, decode: bool = True) -> ImageInfo:
-    """Size and channel count of an image; with ``decode`` the pixels are read too, which is
-    what finds a truncated JPEG."""
+HEADER_BYTES = 64 * 1024  # holds a JPEG's size marker unless the file has large metadata
+
+
+def inspect_image(path: str, *, decode: bool = True) -> ImageInfo:
+    """Size and channel count of an image (a local path or a bucket URI); with ``decode`` the
+    pixels are read too, which is what finds a truncated JPEG. Without it, an image in a bucket
+    costs one ranged read of its first bytes."""
+    head = None if decode or not is_uri(path) else HEADER_BYTES
     try:
-        with Image.open(path) as im:
+        try:
+            im = open_image(path, head)
+        except OSError:
+            if head is None:
+                raise
+            im = open_image(path)  # the size marker lies beyond the first bytes
+        with im:
             if decode:
                 im.load()
             return ImageInfo(im.height, im.width, len(im.getbands()))
     except (OSError, SyntaxError, ValueError) as e:
         return ImageInfo(error=f"unreadable image ({e})")
+    except SteelsegError as e:  # from the store: a missing object, no access
+        return ImageInfo(error=str(e).split(": ", 1)[-1])
 
 
-def _inspect_all(paths: Sequence[Path], decode: bool) -> list[ImageInfo]:
-    # PIL releases the GIL while it decodes, so threads use every core.
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        return list(pool.map(lambda p: inspect_image(p, decode=decode), paths, chunksize=64))
+def inspect_many(paths: Sequence[str], decode: bool) -> list[ImageInfo]:
+    """``inspect_image`` for every path, in threads on this machine."""
+    # PIL releases the GIL while it decodes, and a bucket's reads wait on the network: threads
+    # use every core.
+    with ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda p: inspect_image(p, decode=decode), paths, chunksize=16))
+
+
+Inspect = Callable[[Sequence[str], bool], list[ImageInfo]]
 
 
 def _check_images(
-    images: pd.DataFrame, expected_size: tuple[int, int] | None, decode: bool, folder: str
+    images: pd.DataFrame,
+    expected_size: tuple[int, int] | None,
+    decode: bool,
+    folder: str,
+    inspect: Inspect,
 ) -> tuple[tuple[int, int] | None, list[Problem]]:
-    infos = _inspect_all([Path(p) for p in images["path"]], decode)
+    infos = inspect(list(images["path"]), decode)
     images["height"] = [i.height for i in infos]
     images["width"] = [i.width for i in infos]
     readable = [(i.height, i.width) for i in infos if not i.error]
@@ -195,10 +220,13 @@ def _check_rle(
     return problems
 
 
-def list_images(folder: Path) -> list[str]:
+def list_images(folder: "str | os.PathLike | Location") -> list[str]:
+    """The JPEG file names in a local folder or under a bucket prefix, sorted."""
+    folder = locate(folder, "images")
     if not folder.is_dir():
         raise SteelsegError(f"{folder}: no such folder of images")
-    return sorted(p.name for p in folder.iterdir() if p.suffix.lower() in {".jpg", ".jpeg"})
+    names = (child.name for child in folder.children())
+    return sorted(n for n in names if n.lower().endswith((".jpg", ".jpeg")))
 
 
 def scan(
@@ -207,8 +235,10 @@ def scan(
     modalities: Sequence[str] = ("visible",),
     expected_size: tuple[int, int] | None = None,
     decode_images: bool = True,
+    inspect: Inspect = inspect_many,
 ) -> tuple[pd.DataFrame, list[Problem]]:
-    """Read a Severstal folder and check every CSV row and every image.
+    """Read a Severstal folder (local, or a bucket's ``s3://`` / ``gs://`` prefix) and check
+    every CSV row and every image.
 
     Args:
         data_dir: holds ``train.csv`` and ``train_images/`` (and ``train_images_<m>/`` for every
@@ -216,6 +246,8 @@ def scan(
         modalities: image folders to read, in channel order; the first defines the image list.
         expected_size: (height, width) every image must have; by default the most common size.
         decode_images: read every image's pixels (finds truncated JPEGs) rather than headers.
+        inspect: reads the images' sizes (``inspect_many``: threads on this machine); the
+            train job passes one that runs on the cluster's nodes.
 
     Returns:
         The table (a row per image in the first modality's folder, defect-free ones included,
@@ -225,18 +257,21 @@ def scan(
     Raises:
         SteelsegError: a missing folder or CSV, or a CSV header of neither known format.
     """
-    folder = local_path(data_dir, "data")
-    if not folder.is_dir():
-        raise SteelsegError(f"{data_dir}: no such data folder")
-    data_dir = folder.resolve()
-    rows, problems = read_masks(data_dir / "train.csv")
+    data = locate(data_dir, "data")
+    if not data.is_dir():
+        raise SteelsegError(f"{data}: no such data folder")
+    rows, problems = read_masks(data / "train.csv")
     first = modality_dir(modalities[0])
-    image_ids = list_images(data_dir / first)
+    image_ids = list_images(data / first)
     table = pd.DataFrame({"image_id": image_ids})
-    table["path"] = [str(data_dir / first / i) for i in image_ids]
-    expected_size, image_problems = _check_images(table, expected_size, decode_images, first)
+    table["path"] = [(data / first / i).target for i in image_ids]
+    expected_size, image_problems = _check_images(
+        table, expected_size, decode_images, first, inspect
+    )
     for modality in modalities[1:]:
-        image_problems += _add_modality(table, data_dir, modality, expected_size, decode_images)
+        image_problems += _add_modality(
+            table, data, modality, expected_size, decode_images, inspect
+        )
     problems += image_problems
 
     known = set(image_ids)
@@ -253,26 +288,26 @@ def scan(
 
 def _add_modality(
     table: pd.DataFrame,
-    data_dir: Path,
+    data: Location,
     modality: str,
     expected_size: tuple[int, int] | None,
     decode_images: bool,
+    inspect: Inspect,
 ) -> list[Problem]:
     folder = modality_dir(modality)
-    if not (data_dir / folder).is_dir():
-        raise SteelsegError(f"{data_dir / folder}: no such folder for modality {modality!r}")
-    paths = [data_dir / folder / i for i in table["image_id"]]
-    table[f"path_{modality}"] = [str(p) for p in paths]
-    present = [p.is_file() for p in paths]
+    if not (data / folder).is_dir():
+        raise SteelsegError(f"{data / folder}: no such folder for modality {modality!r}")
+    listed = set(list_images(data / folder))
+    table[f"path_{modality}"] = [(data / folder / i).target for i in table["image_id"]]
+    present = table["image_id"].isin(listed)
     problems = [
-        Problem(f"{folder}/{p.name}", f"missing (modality {modality!r})", p.name)
-        for p, ok in zip(paths, present)
-        if not ok
+        Problem(f"{folder}/{image_id}", f"missing (modality {modality!r})", image_id)
+        for image_id in table.loc[~present, "image_id"]
     ]
     found = table.loc[present, ["image_id", f"path_{modality}"]].rename(
         columns={f"path_{modality}": "path"}
     )
-    _, more = _check_images(found, expected_size, decode_images, folder)
+    _, more = _check_images(found, expected_size, decode_images, folder, inspect)
     return problems + more
 
 
@@ -293,6 +328,7 @@ def load(
     drop_bad: bool = False,
     report=print,
     decode_images: bool = True,
+    inspect: Inspect = inspect_many,
 ) -> pd.DataFrame:
     """The table of a data set for training: fails on any problem unless ``drop_bad``.
     ``decode_images=False`` checks image headers only (fast; a truncated JPEG goes unseen).
@@ -301,7 +337,9 @@ def load(
         DataProblems: the data set has problems and ``drop_bad`` is off; its message lists
             them, one a line, as ``steelseg validate`` prints them.
     """
-    table, problems = scan(data_dir, modalities=modalities, decode_images=decode_images)
+    table, problems = scan(
+        data_dir, modalities=modalities, decode_images=decode_images, inspect=inspect
+    )
     if not problems:
         return table
     if not drop_bad:

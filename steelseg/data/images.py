@@ -5,12 +5,14 @@ modality (``train_images_<m>/``, same file name) gives one more grey channel, in
 order: early fusion.
 """
 
+import io
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 
 from steelseg.errors import SteelsegError
+from steelseg.storage import is_uri, locate, shown
 
 
 def in_channels(modalities: Sequence[str]) -> int:
@@ -23,19 +25,32 @@ def path_columns(modalities: Sequence[str]) -> list[str]:
     return ["path"] + [f"path_{m}" for m in modalities[1:]]
 
 
+def open_image(path: str, head: int | None = None) -> Image.Image:
+    """A local image, or one in a bucket (``s3://...``: the bytes are read into memory; with
+    ``head`` only the first ``head`` bytes, enough for the size).
+
+    Raises:
+        OSError: as ``PIL.Image.open``; SteelsegError naming the URI for a missing object or a
+            store error.
+    """
+    if not is_uri(path):
+        return Image.open(path)
+    return Image.open(io.BytesIO(locate(path, "image").read_bytes(head)))
+
+
 def read_image(path: str, mode: str = "RGB") -> np.ndarray:
-    """(H, W, 3) for mode RGB, (H, W) for mode L.
+    """(H, W, 3) for mode RGB, (H, W) for mode L, from a local path or a bucket URI.
 
     Raises:
         SteelsegError: a missing or unreadable file, named.
     """
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             return np.asarray(im.convert(mode))
     except FileNotFoundError:
         raise SteelsegError(f"{path}: no such image") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise SteelsegError(f"{path}: unreadable image ({e})") from None
+        raise SteelsegError(f"{shown(path)}: unreadable image ({e})") from None
 
 
 def read_stack(paths: Sequence[str]) -> np.ndarray:

@@ -12,11 +12,11 @@ from steelseg.data import catalog, rle
 from steelseg.domain import N_CLASSES
 from steelseg.errors import RLEError, SteelsegError
 from steelseg.evaluation.metrics import DiceCounts, Scores
-from steelseg.paths import local_path
+from steelseg.storage import Location, locate
 
 
 def read_rows(
-    csv_path: Path, listed: set[str] | None = None
+    csv_path: "str | Path | Location", listed: set[str] | None = None
 ) -> dict[str, dict[int, catalog.MaskRow]]:
     """image -> {class: row} of a train.csv or a submission's non-empty rows; a bad row is an
     error naming the file and row."""
@@ -45,17 +45,14 @@ def rows_to_masks(
 
 
 def score_submission(truth_csv: str, images_dir: str, submission_csv: str) -> Scores:
-    """Score ``submission_csv`` on the images of ``images_dir``.
+    """Score ``submission_csv`` on the images of ``images_dir`` (each a local path or a URI).
 
     Raises:
         SteelsegError: an unreadable file, a bad row or RLE (named), or a submission that misses
             images of the folder or names images outside it.
     """
-    folder = local_path(images_dir, "images")
-    truth_csv, submission_csv = (
-        local_path(truth_csv, "truth"),
-        local_path(submission_csv, "submission"),
-    )
+    folder = locate(images_dir, "images")
+    truth_csv, submission_csv = locate(truth_csv, "truth"), locate(submission_csv, "submission")
     names = catalog.list_images(folder)
     if not names:
         raise SteelsegError(f"{folder}: no .jpg images to score")
@@ -73,8 +70,8 @@ def score_submission(truth_csv: str, images_dir: str, submission_csv: str) -> Sc
             f"{submission_csv}: {len(extra)} image(s) not in {folder}, e.g. {extra[0]}"
         )
     counts = DiceCounts()
-    for name in names:
-        info = catalog.inspect_image(folder / name, decode=False)
+    infos = catalog.inspect_many([(folder / name).target for name in names], decode=False)
+    for name, info in zip(names, infos):
         if info.error:
             raise SteelsegError(f"{folder / name}: {info.error}")
         true = rows_to_masks(truth.get(name, {}), info.height, info.width, truth_csv)

@@ -6,7 +6,6 @@ checkpoint's calibrated rules and turned into a Kaggle submission (four rows per
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,7 +17,6 @@ from steelseg.domain import N_CLASSES, RLE_COLUMNS, SUBMISSION_HEADER
 from steelseg.errors import SteelsegError
 from steelseg.inference import postprocess
 from steelseg.model import inputs
-from steelseg.paths import local_path
 from steelseg.runs import load_checkpoint, load_config, load_rules, resolve_checkpoint
 from steelseg.storage import Location, locate
 
@@ -59,16 +57,20 @@ def probability_tensor(
     return total / len(flips(tta))
 
 
-def image_paths(images_dir: Path, modalities: Sequence[str]) -> pd.DataFrame:
-    """One row per image in ``images_dir``: image_id and a path per modality; an extra modality
-    lives in the sibling folder ``<images_dir>_<modality>`` (train_images -> train_images_ir)."""
+def image_paths(
+    images_dir: "str | os.PathLike | Location", modalities: Sequence[str]
+) -> pd.DataFrame:
+    """One row per image in ``images_dir`` (a folder or a bucket prefix): image_id and a path
+    per modality; an extra modality lives in the sibling folder ``<images_dir>_<modality>``
+    (train_images -> train_images_ir)."""
+    images_dir = locate(images_dir, "images")
     names = catalog.list_images(images_dir)
     if not names:
         raise SteelsegError(f"{images_dir}: no .jpg images")
-    table = pd.DataFrame({"image_id": names, "path": [str(images_dir / n) for n in names]})
+    table = pd.DataFrame({"image_id": names, "path": [(images_dir / n).target for n in names]})
     for m in modalities[1:]:
-        folder = images_dir.with_name(f"{images_dir.name}_{m}")
-        table[f"path_{m}"] = [str(folder / n) for n in names]
+        folder = images_dir.parent / f"{images_dir.name}_{m}"
+        table[f"path_{m}"] = [(folder / n).target for n in names]
     return table
 
 
@@ -171,7 +173,7 @@ def predict(
         raise ValueError(f"batch_size and actors must be >= 1, got {batch_size} and {actors}")
     folder = resolve_checkpoint(checkpoint)
     config = load_config(folder)
-    table = image_paths(local_path(images_dir, "images").resolve(), config.modalities)
+    table = image_paths(images_dir, config.modalities)
     rules = load_rules(folder) if calibrated else None
     how = f"calibrated rules of {folder.name}" if rules else f"threshold {threshold}"
     rules = rules or postprocess.Rules.plain(threshold)

@@ -7,12 +7,12 @@ ImageNet weights API, which downloads. Random initialisation is the default else
 """
 
 import os
-from pathlib import Path
 
 import torch
 
 from steelseg.errors import SteelsegError
 from steelseg.model.unet import UNet
+from steelseg.storage import locate
 
 UNUSED_KEYS = ("fc.weight", "fc.bias")
 
@@ -63,12 +63,13 @@ def _names(keys: list[str], limit: int = 6) -> str:
 
 
 def load_encoder_file(model: UNet, path: str | os.PathLike) -> None:
-    """Load a local torchvision-format resnet18 state_dict file into the encoder."""
-    path = Path(path)
+    """Load a torchvision-format resnet18 state_dict file (local or in a bucket) into the
+    encoder."""
+    path = locate(path, "pretrained")
     if not path.is_file():
         raise SteelsegError(f"{path}: no such weights file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path.open_buffer(), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a file that is not a state_dict
         raise SteelsegError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict):
@@ -93,7 +94,7 @@ def load_encoder_imagenet(model: UNet) -> None:
 
 def load_encoder(model: UNet, source: str | None) -> None:
     """``None`` or ``""``: keep the random initialisation; ``"imagenet"``: torchvision's
-    weights API; anything else: a local state_dict file."""
+    weights API; anything else: a state_dict file's path or URI."""
     if not source:
         return
     if source == "imagenet":

@@ -21,7 +21,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from steelseg import runs
-from steelseg.cluster import init_ray
+from steelseg.cluster import check_shared, init_ray, node_count
 from steelseg.config import TrainConfig
 from steelseg.data import catalog, pipeline, synth
 from steelseg.errors import SteelsegError
@@ -30,6 +30,8 @@ from steelseg.training import progress
 from steelseg.training.loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
+
+INSPECT_CHUNK = 256  # images a Ray task checks
 
 
 def demo_data(config: TrainConfig) -> Path:
@@ -56,10 +58,20 @@ def demo_data(config: TrainConfig) -> Path:
     return folder
 
 
-def load_split(config: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    data = Path(config.data) if config.data else demo_data(config)
+def data_folder(config: TrainConfig) -> Location:
+    return locate(config.data or demo_data(config), "data")
+
+
+def load_split(
+    config: TrainConfig, inspect: catalog.Inspect = catalog.inspect_many
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    data = data_folder(config)
     table = catalog.load(
-        data, modalities=config.modalities, drop_bad=config.drop_bad, report=log.warning
+        data,
+        modalities=config.modalities,
+        drop_bad=config.drop_bad,
+        report=log.warning,
+        inspect=inspect,
     )
     if len(table) < 2 * config.num_workers:
         raise SteelsegError(
@@ -68,14 +80,25 @@ def load_split(config: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     return catalog.split(table, val_fraction=config.val_fraction, seed=config.seed)
 
 
-def batches_per_epoch(config: TrainConfig, n_train: int) -> int:
-    """Batches per epoch on every rank (Ray splits the rows equally)."""
-    return math.ceil((n_train // config.num_workers) / config.batch_size)
+def inspect_on_nodes(paths: list[str], decode: bool) -> list[catalog.ImageInfo]:
+    """``catalog.inspect_many`` in Ray tasks, so that a bucket's images are read by the nodes,
+    not all by this one."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(catalog.inspect_many)
+    chunks = [paths[i : i + INSPECT_CHUNK] for i in range(0, len(paths), INSPECT_CHUNK)]
+    return [info for part in ray.get([task.remote(c, decode) for c in chunks]) for info in part]
 
 
-def steps_per_epoch(config: TrainConfig, n_train: int) -> int:
-    """Optimizer steps per epoch on every rank."""
-    return math.ceil(batches_per_epoch(config, n_train) / config.grad_accum)
+def check_paths_on_nodes(config: TrainConfig) -> None:
+    """On a cluster of several nodes, the local paths the workers use must be the same on all:
+    the storage folder, the data set (its train.csv) and a pretrained weights file."""
+    if node_count() < 2:
+        return
+    check_shared(locate(config.storage, "storage"), "storage", write=True)
+    check_shared(data_folder(config) / "train.csv", "data", write=False)
+    if config.pretrained and config.pretrained != "imagenet":
+        check_shared(locate(config.pretrained, "pretrained"), "pretrained", write=False)
 
 
 def cpus_needed(config: TrainConfig) -> int:
@@ -108,9 +131,14 @@ def fit(
     ``verbose``: Ray's own logs and the workers' output too, when this call starts Ray.
     """
     config = config.resolved()
-    train_table, val_table = load_split(config)
+    if data_folder(config).local:  # a bad data set is found before Ray starts
+        train_table, val_table = load_split(config)
+        init_ray(cpus_needed(config), verbose=verbose)
+    else:  # the images are checked where they are read, on the cluster's nodes
+        init_ray(cpus_needed(config), verbose=verbose)
+        train_table, val_table = load_split(config, inspect=inspect_on_nodes)
+    check_paths_on_nodes(config)
     runs.write_split(config.run_dir, train_table, val_table)
-    init_ray(cpus_needed(config), verbose=verbose)
     relay = progress.Relay(on_progress) if on_progress else None
     with relay or contextlib.nullcontext():
         result = build_trainer(config, train_table, val_table, callbacks, relay).fit()
@@ -135,12 +163,11 @@ def build_trainer(
         train_loop_per_worker,
         train_loop_config={
             "config": config.to_dict(),
-            "steps_per_epoch": steps_per_epoch(config, len(train_table)),
-            "batches_per_epoch": batches_per_epoch(config, len(train_table)),
+            "train_images": len(train_table),
             "progress": relay.queue if relay else None,
         },
         scaling_config=ScalingConfig(
-            num_workers=config.num_workers,
+            num_workers=config.workers,
             use_gpu=config.use_gpu,
             resources_per_worker={"CPU": config.cpus_per_worker},
             placement_strategy=config.placement_strategy,

@@ -27,7 +27,7 @@ from steelseg.cluster import init_ray
 from steelseg.config import TrainConfig
 from steelseg.errors import SteelsegError
 from steelseg.storage import Location
-from steelseg.training.fit import cpus_needed, fit
+from steelseg.training.fit import check_paths_on_nodes, cpus_needed, fit
 
 DEFAULT_SPACE = {
     "lr": {"loguniform": [1e-4, 3e-3]},
@@ -149,6 +149,7 @@ def sweep(
     searched = search_space(space)
     init_ray(cpus_needed(base.replace(num_workers=base.num_workers * max_concurrent)))
     check_resources(base, max_concurrent)
+    check_paths_on_nodes(base)
     # The trial function only drives its TorchTrainer, whose workers reserve their own CPUs.
     # It takes no CPU: a fraction would leave each node with less than the one whole CPU a
     # Ray Data task needs, and concurrent trials would wait forever. (Tune needs some resource.)

@@ -1,6 +1,7 @@
 """A Ray Tune sweep on the easy set, on the two-node cluster of conftest.py: interrupted with
 SIGINT after its first trial, then restored by rerunning with the same name."""
 
+import io
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 
 from steelseg.config import TrainConfig, read_config_file
 from steelseg.errors import SteelsegError
+from steelseg.storage import Location, locate
 from steelseg.training.sweep import search_space
 
 # In this order, one at a time: a learning rate that learns, then one that cannot, which ASHA
@@ -22,8 +24,16 @@ LRS = [3e-3, 1e-6, 1e-3]
 SPACE_FILE = "lr: {grid: [0.003, 0.000001, 0.001]}\n"
 
 
-def histories(sweep_dir: Path) -> dict[str, str]:
-    return {p.parent.name: p.read_text() for p in (sweep_dir / "trials").glob("*/history.jsonl")}
+def histories(sweep_dir: Location) -> dict[str, str]:
+    found = {}
+    for trial in (sweep_dir / "trials").children():
+        if (trial / "history.jsonl").is_file():
+            found[trial.name] = (trial / "history.jsonl").read_text()
+    return found
+
+
+def read_csv(file: Location) -> pd.DataFrame:
+    return pd.read_csv(io.BytesIO(file.read_bytes()))
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
@@ -34,33 +44,35 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(1)
 
 
-def trial_statuses(sweep_dir: Path) -> dict[str, str]:
+def trial_statuses(sweep_dir: Location) -> dict[str, str]:
     from ray.tune import ExperimentAnalysis
 
-    if not list(sweep_dir.glob("experiment_state-*.json")):
+    if not any(c.name.startswith("experiment_state-") for c in sweep_dir.children()):
         return {}  # not started yet
-    return {Path(t.path).name: t.status for t in ExperimentAnalysis(str(sweep_dir)).trials}
+    analysis = ExperimentAnalysis(sweep_dir.path, storage_filesystem=sweep_dir.fs)
+    return {Path(t.path).name: t.status for t in analysis.trials}
 
 
 @pytest.fixture(scope="module")
-def sweep_run(cluster, easy_dir, tmp_path_factory):
-    """The sweep job run twice: killed (SIGINT) once two trials have finished, then rerun
-    with the same --name. Returns the sweep folder, the state at the interruption and the
-    rerun's output (printed results, then logged messages)."""
-    storage = tmp_path_factory.mktemp("sweeps")
-    space = storage / "space.yaml"
+def sweep_run(cluster, easy_dir, s3, tmp_path_factory):
+    """The sweep job run twice, the sweep in the test bucket (the data set local: on this
+    machine both nodes see it): killed (SIGINT) once two trials have finished, then rerun with
+    the same --name. Returns the sweep folder, the state at the interruption and the rerun's
+    output (printed results, then logged messages)."""
+    storage = s3.uri("sweeps")
+    space = tmp_path_factory.mktemp("space") / "space.yaml"
     space.write_text(SPACE_FILE)
     argv = [
         sys.executable, "-m", "ray_jobs.tune", "--search-space", str(space),
         "--num-samples", "1", "--max-concurrent-trials", "1", "--max-epochs", "3",
         "--grace-period", "1", "--reduction-factor", "2",
-        "--data", str(easy_dir), "--storage", str(storage), "--name", "sweep",
+        "--data", str(easy_dir), "--storage", storage, "--name", "sweep",
         "--batch-size", "4", "--num-workers", "1", "--warmup-steps", "2",
         "--val-fraction", "0.25", "--log-images", "0", "--keep-checkpoints", "1", "--seed", "1",
     ]  # fmt: skip
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     root = Path(__file__).parents[2]
-    sweep_dir = storage / "sweep"
+    sweep_dir = locate(storage, "storage") / "sweep"
     first = subprocess.Popen(argv, cwd=root, env=env, stdout=subprocess.DEVNULL)
     try:
         wait_for(
@@ -80,7 +92,7 @@ def sweep_run(cluster, easy_dir, tmp_path_factory):
 
 def test_sweep_writes_sorted_results_and_asha_stops_the_poor_trials(sweep_run):
     sweep_dir, _, out = sweep_run
-    results = pd.read_csv(sweep_dir / "results.csv")
+    results = read_csv(sweep_dir / "results.csv")
     assert sorted(results["lr"]) == sorted(LRS)
     assert results["error"].isna().all()  # an empty CSV field: no trial failed
     scores = results["val_kaggle_dice"].tolist()
@@ -95,22 +107,26 @@ def test_best_config_and_checkpoint_files(sweep_run):
     from steelseg.runs import load_checkpoint
 
     sweep_dir, _, _ = sweep_run
-    results = pd.read_csv(sweep_dir / "results.csv")
-    best = TrainConfig.from_dict(read_config_file(sweep_dir / "best_config.yaml"))
+    results = read_csv(sweep_dir / "results.csv")
+    best = TrainConfig.from_dict(read_config_file((sweep_dir / "best_config.yaml").target))
     assert best.lr == pytest.approx(results["lr"].iloc[0])
     assert best.name == "sweep-best" and best.epochs == 3 and best.batch_size == 4
-    checkpoint = Path((sweep_dir / "best_checkpoint.txt").read_text().strip())
+    checkpoint = locate((sweep_dir / "best_checkpoint.txt").read_text().strip(), "checkpoint")
+    assert checkpoint.uri.startswith("s3://steelseg/sweeps/sweep/trials/")
     assert checkpoint.parent.name == results["trial"].iloc[0]
     _, config, state = load_checkpoint(checkpoint)
     assert config.lr == pytest.approx(best.lr)
     assert state["metrics"]["val_kaggle_dice"] == pytest.approx(results["val_kaggle_dice"].iloc[0])
 
 
-def test_tensorboard_has_every_trial_and_the_hparams_view(sweep_run):
+def test_tensorboard_has_every_trial_and_the_hparams_view(sweep_run, tmp_path):
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
+    from steelseg.runs import sync_tensorboard
+
     sweep_dir, _, _ = sweep_run
-    runs = EventMultiplexer().AddRunsFromDirectory(str(sweep_dir / "trials")).Reload().Runs()
+    assert sync_tensorboard(sweep_dir, tmp_path) > 0  # as `steelseg tensorboard <sweep>` does
+    runs = EventMultiplexer().AddRunsFromDirectory(str(tmp_path)).Reload().Runs()
     curves = [r for r in runs if r.endswith("tensorboard") and "loss/val" in runs[r]["scalars"]]
     hparams = [
         r for r in runs if r.endswith("hparams") and "hparams/val_kaggle_dice" in runs[r]["scalars"]
@@ -137,9 +153,9 @@ def test_best_config_is_a_config_the_train_job_takes(sweep_run, tmp_path):
     sweep_dir, _, _ = sweep_run
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    argv = ["--config", str(sweep_dir / "best_config.yaml"), "--epochs", "5"]
+    argv = ["--config", (sweep_dir / "best_config.yaml").target, "--epochs", "5"]
     config = from_args(parser.parse_args([*argv, "--storage", str(tmp_path), "--name", "again"]))
-    best = TrainConfig.from_dict(read_config_file(sweep_dir / "best_config.yaml"))
+    best = TrainConfig.from_dict(read_config_file((sweep_dir / "best_config.yaml").target))
     assert config == best.replace(epochs=5, storage=str(tmp_path), name="again")
     assert config.data and config.lr == best.lr
 
