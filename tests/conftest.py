@@ -1,12 +1,13 @@
+import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -60,6 +61,17 @@ class S3Store:
     def uri(self, key: str) -> str:
         """``s3://steelseg/<key>`` with the store's endpoint, as a user passes it."""
         return f"s3://{self.bucket}/{key}?endpoint_override={self.endpoint}"
+
+    def upload(self, folder: Path, prefix: str) -> str:
+        """Every file below ``folder`` to ``<prefix>/``; returns the prefix's URI."""
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                key = f"{prefix}/{path.relative_to(folder).as_posix()}"
+                self.client.upload_file(str(path), self.bucket, key)
+        return self.uri(prefix)
+
+    def read(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
 
     def keys(self, prefix: str) -> list[str]:
         pages = self.client.get_paginator("list_objects_v2").paginate(
@@ -133,12 +145,13 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
-    """Two Ray nodes of 2 CPUs each, started with ``ray start`` as a user would, token
-    authentication on; this test process is attached to them as a driver."""
+    """Two Ray nodes of 3 CPUs each (room for a training worker of 2 CPUs and a Ray Data task
+    on every node), started with ``ray start`` as a user would, token authentication on; this
+    test process is attached to them as a driver."""
     ray = pytest.importorskip("ray")
     from raynodes import LocalCluster
 
-    nodes = LocalCluster(tmp_path_factory.mktemp("ray"))
+    nodes = LocalCluster(tmp_path_factory.mktemp("ray"), cpus_per_node=3)
     try:
         nodes.start_head()
         nodes.wait_for_head()
@@ -205,7 +218,13 @@ def four_class_dir(tmp_path_factory) -> Path:
     return out
 
 
-def small_run(data: Path, storage: Path | str, **changes):
+@pytest.fixture(scope="session")
+def four_class_uri(s3, four_class_dir) -> str:
+    """The four-class set in the test bucket, as a user keeps a data set."""
+    return s3.upload(four_class_dir, "data/four")
+
+
+def small_run(data: Path | str, storage: Path | str, **changes):
     """A small, fast run: 2 workers spread over the 2 nodes, crops of 32x160."""
     from steelseg.config import TrainConfig
 
@@ -217,23 +236,25 @@ def small_run(data: Path, storage: Path | str, **changes):
     return TrainConfig(**{**values, **changes})
 
 
-def train_job_argv(config) -> list[str]:
-    """The README's main command with a config's values as flags."""
+def train_flags(config) -> list[str]:
+    """A config's values as the train job's flags."""
     flags = []
     for key in ("data", "storage", "name", "epochs", "batch_size", "num_workers",
-                "placement_strategy", "lr", "warmup_steps", "log_images", "val_fraction",
-                "crop_height", "crop_width", "seed", "max_failures"):  # fmt: skip
+                "cpus_per_worker", "placement_strategy", "lr", "warmup_steps", "log_images",
+                "val_fraction", "crop_height", "crop_width", "seed", "max_failures"):  # fmt: skip
         flags += ["--" + key.replace("_", "-"), str(getattr(config, key))]
-    return [sys.executable, "ray_jobs/train.py", *flags]
+    if config.min_workers:  # elastic: --num-workers MIN..MAX
+        flags[flags.index("--num-workers") + 1] = f"{config.min_workers}..{config.num_workers}"
+    return flags
 
 
-def kill_rank_1_after_checkpoint(run_dir: Path, epoch: int, killed: list) -> None:
-    """Kill the run's rank-1 worker, by the pid the run recorded, once Ray has registered the
-    checkpoint of ``epoch`` (before that, a restart would not find it)."""
+def wait_for_checkpoint(run_dir, epoch: int, timeout_s: float = 300):
+    """The run's history once Ray has registered the checkpoint of ``epoch`` (before that, a
+    restart would not find it)."""
     from steelseg.runs import read_history
 
     registered = run_dir / "checkpoint_manager_snapshot.json"  # Ray Train's list of them
-    deadline = time.time() + 300
+    deadline = time.time() + timeout_s
     while time.time() < deadline:
         try:
             saved = registered.is_file() and f"epoch_{epoch:04d}" in registered.read_text()
@@ -241,38 +262,66 @@ def kill_rank_1_after_checkpoint(run_dir: Path, epoch: int, killed: list) -> Non
         except ValueError:  # a file being written
             history = []
         if len(history) and history["epoch"].iloc[-1] == epoch:
-            pid = int(history["worker_pids"].iloc[-1][1])
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-            return
+            return history
         time.sleep(0.2)
+    raise AssertionError(f"no checkpoint of epoch {epoch} in {run_dir} after {timeout_s} s")
+
+
+@dataclass
+class TrainedRun:
+    run_dir: Any  # a Location in the bucket
+    before: Any  # the history when the first job was stopped
+    ended_node: list  # the pids of the node ended during the third job
+    submitted: dict  # job id -> (ray job status, ray job logs) of the submitted jobs
+
+
+STOPPED, RESUMED = "steelseg-test-stopped", "steelseg-test-resumed"
 
 
 @pytest.fixture(scope="session")
-def trained_run(cluster, s3, four_class_dir, tmp_path_factory):
-    """The run the training, prediction and figure tests share, on the four-class set:
-    1. the train job as a user runs it with a `ray start` cluster on the machine (it must
-       attach to it), 1 epoch;
-    2. rerun in this process with the same name to 3 epochs (a resume), its rank-1 worker
-       killed once epoch 2 is saved (a restore).
-    Returns the run folder, its history after the job, the job's finished process (stdout,
-    stderr) and the pid killed."""
+def trained_run(cluster, s3, four_class_uri):
+    """The run the training, prediction and figure tests share, on the four-class set, data and
+    run in the test bucket, 2 workers on the 2 nodes:
+    1. the train job submitted with `ray job submit` for 4 epochs, elastic
+       (`--num-workers 1..2`), and stopped with `ray job stop` once epoch 2 is saved;
+    2. the same submission again: it resumes from epoch 2; once epoch 3 is saved the second
+       node is ended (its process tree), and the run goes on with 1 worker from that checkpoint
+       and finishes. A new second node is then started for the tests that follow."""
+    from raynodes import descendants
+
     from steelseg.runs import read_history
-    from steelseg.training.fit import fit
 
     storage = s3.uri("runs")  # the run lives wholly in the bucket
-    env = {**cluster.env, "RAY_TMPDIR": str(cluster.tmp)}  # where ray start recorded it
-    job = subprocess.run(
-        train_job_argv(small_run(four_class_dir, storage, epochs=1)),
-        cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert job.returncode == 0, job.stderr[-3000:]
-    run_dir = small_run(four_class_dir, storage).run_dir
+    run_dir = small_run(four_class_uri, storage).run_dir
+    # elastic, 2 CPUs a worker: a node left alone holds one worker and still has a CPU for Ray
+    # Data (elastic training would otherwise fill it with workers and leave the data none)
+    elastic = small_run(four_class_uri, storage, epochs=4, min_workers=1, cpus_per_worker=2.0)
+    entrypoint = ["python", "-m", "ray_jobs.train", *train_flags(elastic)]
+    # one torch thread a worker, as in the other runs: the two nodes share this machine's 2
+    # cores; and Ray Train's wait for a worker group that cannot start (after a node is lost,
+    # before Ray sees it gone and plans with fewer workers) cut from 60 s to 20 s
+    env_vars = {"OMP_NUM_THREADS": "1", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
+    submit = ["submit", "--working-dir", ".", "--no-wait",
+              "--runtime-env-json", json.dumps({"env_vars": env_vars})]  # fmt: skip
+    started = cluster.job(*submit, "--submission-id", STOPPED, "--", *entrypoint)
+    assert started.returncode == 0, started.stderr[-3000:]
+    wait_for_checkpoint(run_dir, 2)
+    stopped = cluster.job("stop", STOPPED)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
     before = read_history(run_dir)
-    killed: list[int] = []
-    killer = threading.Thread(target=kill_rank_1_after_checkpoint, args=(run_dir, 2, killed))
-    killer.start()
-    resumed = fit(small_run(four_class_dir, storage, epochs=3))
-    killer.join()
-    assert resumed.error is None, resumed.error
-    return resumed.run_dir, before, job, killed
+
+    again = cluster.job(*submit, "--submission-id", RESUMED, "--", *entrypoint)
+    assert again.returncode == 0, again.stderr[-3000:]
+    wait_for_checkpoint(run_dir, 3)
+    second = cluster.nodes[1]
+    ended_node = descendants(second.process.pid)
+    second.end()
+    cluster.job("logs", "--follow", RESUMED, timeout=600)  # until the job ends
+    submitted = {
+        job_id: (cluster.job_status(job_id), cluster.job("logs", job_id).stdout)
+        for job_id in (STOPPED, RESUMED)
+    }
+    cluster.wait_for_nodes(1, exactly=True)  # a new second node for the tests that follow
+    cluster.add_node()
+    cluster.wait_for_nodes(2)
+    return TrainedRun(run_dir, before, ended_node, submitted)

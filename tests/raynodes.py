@@ -100,6 +100,8 @@ class LocalCluster:
         self.tmp = Path(tempfile.mkdtemp(prefix="steelseg-ray-", dir="/tmp"))
         self.env = {**os.environ, "RAY_TMPDIR": str(self.tmp), "RAY_AUTH_MODE": "token"}
         self.env.pop("RAY_ADDRESS", None)
+        # as a user starts Ray with steelseg's environment active: a job's `python` is its own
+        self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
         self.port = free_port()
         self.address = ""  # host:port as the head records it, once it is up
         self.nodes: list[Node] = []
@@ -110,6 +112,30 @@ class LocalCluster:
                 f"--ray-client-server-port={free_port()}", "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={self.dashboard_port}"]  # fmt: skip
         self.nodes.append(Node(args, self.env, self.folder / "head.log"))
+
+    @property
+    def dashboard(self) -> str:
+        """The job API's address, as ``ray job`` takes it."""
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def job(self, command: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        """``ray job <command> --address <dashboard> <args>`` as a user runs it from the
+        repository: token authentication on (``RAY_AUTH_MODE=token``), the token found where
+        ``ray start`` wrote it (``~/.ray/auth_token``)."""
+        env = {**self.env, "RAY_AUTH_MODE": "token"}
+        env.pop("RAY_TMPDIR")
+        argv = [RAY, "job", command, "--address", self.dashboard, *args]
+        return subprocess.run(
+            argv, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True,
+            timeout=timeout,
+        )  # fmt: skip
+
+    def job_status(self, job_id: str) -> str:
+        """SUCCEEDED, STOPPED, FAILED, ... from Ray's job API (the token from
+        ``~/.ray/auth_token``, ``RAY_AUTH_MODE=token`` set by conftest)."""
+        from ray.job_submission import JobSubmissionClient
+
+        return str(JobSubmissionClient(self.dashboard).get_job_status(job_id).value)
 
     def add_node(self) -> Node:
         args = [f"--address={self.address}", f"--num-cpus={self.cpus}"]
@@ -133,13 +159,15 @@ class LocalCluster:
                 time.sleep(0.2)
         raise RuntimeError(f"the Ray head did not start: {self.nodes[0].log.read_text()[-800:]}")
 
-    def wait_for_nodes(self, count: int, timeout_s: float = 90.0) -> None:
+    def wait_for_nodes(self, count: int, timeout_s: float = 90.0, exactly: bool = False) -> None:
+        """Until ``count`` nodes (at least, or ``exactly``: an ended one no longer counted) are
+        alive for the cluster's GCS."""
         import ray
 
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            alive = [n for n in ray.nodes() if n["Alive"]]
-            if len(alive) >= count:
+            alive = len([n for n in ray.nodes() if n["Alive"]])
+            if alive == count or (alive > count and not exactly):
                 return
             time.sleep(0.5)
         logs = "; ".join(n.log.read_text()[-500:] for n in self.nodes)

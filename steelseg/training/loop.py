@@ -34,8 +34,8 @@ UPLOAD_MODES = {
 def train_loop_per_worker(loop_config: dict) -> None:
     """The function Ray Train runs on every worker (``TorchTrainer``'s ``train_loop_per_worker``).
 
-    ``loop_config``: ``config`` (a ``TrainConfig`` as a dict), ``steps_per_epoch`` and
-    ``batches_per_epoch`` on every rank, and ``progress``, the driver's queue or None.
+    ``loop_config``: ``config`` (a ``TrainConfig`` as a dict), ``train_images`` (the training
+    split's size) and ``progress``, the driver's queue or None.
     """
     Worker(loop_config).run()
 
@@ -47,14 +47,18 @@ class Worker:
         self.config = config = TrainConfig.from_dict(loop_config["config"])
         # located once: for a bucket, each lookup builds a filesystem (and may resolve a region)
         self.run_dir = config.run_dir
-        self.steps = loop_config["steps_per_epoch"]
-        self.batches = loop_config["batches_per_epoch"]
-        self.rank = ray.train.get_context().get_world_rank()
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        # this attempt's: an elastic run may restart with fewer or more workers
+        world, images = context.get_world_size(), loop_config["train_images"]
+        self.batches = recipe.batches_per_epoch(images, world, config.batch_size)
+        self.steps = recipe.steps_per_epoch(images, world, config.batch_size, config.grad_accum)
         self.device = ray.train.torch.get_device()
         self.amp = config.amp and self.device.type == "cuda"
         self.sender = progress.Sender(loop_config.get("progress") if self.rank == 0 else None)
         self.tensorboard_staging = ""
         self._set_up()
+        self.optimizer_steps = 0  # since the run began, resumes included
         self.start_epoch, self.global_step = self._restore()
         self.model = ray.train.torch.prepare_model(self.bare)
         self.writer = self._tensorboard() if self.rank == 0 else None
@@ -97,6 +101,11 @@ class Worker:
         self.bare.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # checkpoints are taken at the end of an epoch: the schedule goes on from the start of
+        # the next one, in this attempt's steps (the same as the stored count unless the
+        # number of workers changed)
+        recipe.move_schedule(self.scheduler, state["epoch"] * self.steps)
+        self.optimizer_steps = state.get("optimizer_steps", state["scheduler"]["last_epoch"])
         return state["epoch"], state["global_step"]
 
     def _train_epoch(self, epoch: int) -> tuple[float, int]:
@@ -104,7 +113,7 @@ class Worker:
         batches = ray.train.get_dataset_shard("train").iter_torch_batches(
             batch_size=config.batch_size
         )
-        first_step = self.global_step
+        first_step, first_schedule_step = self.global_step, self.scheduler.last_epoch
 
         def on_step(i: int, loss: float, n: int) -> None:
             if self.writer:
@@ -123,6 +132,7 @@ class Worker:
             on_step=on_step,
         )
         self.global_step += -(-seen // config.batch_size)
+        self.optimizer_steps += self.scheduler.last_epoch - first_schedule_step
         return loss_sum, seen
 
     def _validate_epoch(self) -> tuple[float, int, DiceCounts, list]:
@@ -152,7 +162,7 @@ class Worker:
             "train_images": int(train_n),
             "val_images": int(val_n),
             "lr": self.scheduler.get_last_lr()[0],
-            "optimizer_steps": self.scheduler.last_epoch,  # since the run began, resumes included
+            "optimizer_steps": self.optimizer_steps,
             "resumed_from_epoch": self.start_epoch,  # 0 unless this attempt restored a checkpoint
             "images_per_s": train_n / train_seconds,  # training pass, all workers
             "nodes": self.nodes,
@@ -177,6 +187,7 @@ class Worker:
                 "scaler": None,  # bf16 autocast needs no GradScaler
                 "epoch": epoch + 1,
                 "global_step": self.global_step,
+                "optimizer_steps": self.optimizer_steps,
                 "config": self.config.to_dict(),
                 "metrics": metrics,
             }
@@ -203,10 +214,14 @@ class Worker:
         folder = runs.tensorboard_dir(self.run_dir)
         if not folder.local:
             # one staging folder per run, which a restarted attempt reuses: an attempt that is
-            # killed (a failed worker, a trial ASHA stops) cannot remove its own
+            # killed (a failed worker, a trial ASHA stops) cannot remove its own. It starts
+            # empty: what an earlier attempt (or an earlier run of this name) staged is in the
+            # bucket already, or past the checkpoint and purged; uploaded again, it would
+            # repeat epochs
             key = hashlib.sha1(folder.uri.encode()).hexdigest()[:12]
             staging = Path(tempfile.gettempdir()) / f"steelseg-tensorboard-{key}"
-            staging.mkdir(exist_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
             self.tensorboard_staging = str(staging)
         # purge_step drops events a crashed attempt wrote past the checkpoint we resume from;
         # the checkpointed epoch's own curves were logged at its last step, so they stay

@@ -6,10 +6,13 @@ workers' own output stays off the driver's console.
 Events: ``("step", epoch, batch, batches, loss)`` and ``("epoch", metrics)``.
 """
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 STEP_INTERVAL_S = 0.5
 
@@ -28,11 +31,20 @@ class Sender:
         if now - self.last < STEP_INTERVAL_S and 1 < batch < batches:
             return
         self.last = now
-        self.queue.put_nowait(("step", epoch, batch, batches, loss))
+        self._send(("step", epoch, batch, batches, loss))
 
     def epoch(self, metrics: dict[str, Any]) -> None:
         if self.queue is not None:
-            self.queue.put_nowait(("epoch", metrics))
+            self._send(("epoch", metrics))
+
+    def _send(self, event: tuple) -> None:
+        """Best effort: progress lines are not worth a training run (a driver that is gone
+        takes its queue with it)."""
+        try:
+            self.queue.put_nowait(event)
+        except Exception as e:  # the queue actor died, or is full
+            log.warning("progress not sent to the driver (%s); training goes on", type(e).__name__)
+            self.queue = None
 
 
 class Relay:
@@ -40,9 +52,14 @@ class Relay:
     ``on_event``."""
 
     def __init__(self, on_event: Callable[[tuple], None]):
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        # on the driver's node: a queue on a worker node would die with that node, and with
+        # it the driver's run (an elastic run must outlive any node but the driver's)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.on_event = on_event
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="steelseg-progress", daemon=True)

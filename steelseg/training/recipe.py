@@ -44,6 +44,27 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, floor: float = 0.0
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def batches_per_epoch(train_images: int, world_size: int, batch_size: int) -> int:
+    """Batches per epoch on every rank (Ray splits the rows equally among the workers)."""
+    return math.ceil((train_images // world_size) / batch_size)
+
+
+def steps_per_epoch(train_images: int, world_size: int, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps per epoch on every rank."""
+    return math.ceil(batches_per_epoch(train_images, world_size, batch_size) / grad_accum)
+
+
+def move_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put the schedule at ``step`` (and the optimizer's learning rates with it): after a
+    restore with another worker count, where the steps per epoch are not what they were."""
+    scheduler.last_epoch = step
+    for group, base, factor in zip(
+        scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas
+    ):
+        group["lr"] = base * factor(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 def build_scheduler(
     config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:

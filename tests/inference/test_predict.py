@@ -3,8 +3,11 @@ run of conftest.py (four classes, 48x176 images, the run in the S3-compatible te
 on real 256x1600 images."""
 
 import dataclasses
+import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,24 +22,32 @@ from steelseg.cli import main as steelseg
 from steelseg.data import rle
 from steelseg.errors import SteelsegError
 from steelseg.inference import postprocess
+from steelseg.storage import locate
 
 VAL_IMAGES = 24
 
 
 @pytest.fixture(scope="module")
 def run_dir(trained_run) -> Path:
-    return trained_run[0]
+    return trained_run.run_dir
 
 
 @pytest.fixture(scope="module")
 def val_images(run_dir, tmp_path_factory) -> Path:
-    """The run's validation images alone in a folder."""
+    """The run's validation images alone in a local folder."""
     split = runs.read_split(run_dir)
     folder = tmp_path_factory.mktemp("val") / "images"
     folder.mkdir()
-    for path in split.loc[split["split"] == "val", "path"]:
-        shutil.copy(path, folder)
+    for path in split.loc[split["split"] == "val", "path"]:  # in the bucket
+        image = locate(path, "image")
+        (folder / image.name).write_bytes(image.read_bytes())
     return folder
+
+
+@pytest.fixture(scope="module")
+def val_images_uri(val_images, s3) -> str:
+    """The same images in the bucket."""
+    return s3.upload(val_images, "val/images")
 
 
 def submission_path(tmp_path: Path) -> Path:
@@ -44,36 +55,32 @@ def submission_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def plain_submission(run_dir, val_images, s3, tmp_path_factory) -> Path:
-    """The predict job on the run's validation images, uncalibrated, 2 actors, the submission
-    written to the bucket; returned as a local copy."""
-    from ray_jobs.predict import main as predict
-
+def plain_submission(cluster, run_dir, val_images_uri, s3) -> str:
+    """The predict job submitted with `ray job submit` on the run's validation images,
+    uncalibrated, 2 actors, images and submission in the bucket; returns the submission's URI."""
     out = s3.uri("submissions/plain.csv")
-    argv = ["--images", str(val_images), "--out", out, "--no-progress", "--uncalibrated"]
-    argv += ["--checkpoint", run_dir.target, "--actors", "2", "--batch-size", "3"]
-    assert predict(argv) == 0
-    local = tmp_path_factory.mktemp("submission") / "plain.csv"
-    local.write_bytes(
-        s3.client.get_object(Bucket=s3.bucket, Key="submissions/plain.csv")["Body"].read()
-    )
-    return local
+    argv = ["python", "-m", "ray_jobs.predict", "--images", val_images_uri, "--out", out,
+            "--no-progress", "--uncalibrated", "--checkpoint", run_dir.target, "--actors", "2",
+            "--batch-size", "3"]  # fmt: skip
+    job = cluster.job("submit", "--working-dir", ".", "--", *argv)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "wrote s3://steelseg/submissions/plain.csv: 24 images" in job.stdout  # ray job logs
+    return out
 
 
 def test_predict_and_evaluate_agree_with_the_runs_validation_score(
-    run_dir, val_images, four_class_dir, plain_submission, capsys
+    run_dir, val_images_uri, four_class_uri, plain_submission, s3, capsys
 ):
-    out = plain_submission
-    submission = pd.read_csv(out, keep_default_na=False)
+    submission = pd.read_csv(io.BytesIO(s3.read("submissions/plain.csv")), keep_default_na=False)
     assert list(submission.columns) == ["ImageId", "EncodedPixels", "ClassId"]
     assert len(submission) == 4 * VAL_IMAGES
     by_image = submission.groupby("ImageId")["ClassId"].apply(list)
     assert (by_image == [[1, 2, 3, 4]] * VAL_IMAGES).all()
 
     capsys.readouterr()
-    truth = four_class_dir / "train.csv"
-    code = steelseg(["evaluate", "--truth", str(truth), "--images", str(val_images),
-                     "--submission", str(out), "--json"])  # fmt: skip
+    truth = (locate(four_class_uri, "data") / "train.csv").target  # all three in the bucket
+    code = steelseg(["evaluate", "--truth", truth, "--images", val_images_uri,
+                     "--submission", plain_submission, "--json"])  # fmt: skip
     assert code == 0
     scores = json.loads(capsys.readouterr().out)
     history = runs.read_history(run_dir).set_index("epoch")
@@ -167,7 +174,7 @@ def test_real_size_images_are_predicted_at_full_size(run_dir, real_dir, tmp_path
 
 
 def test_strict_prediction_with_tta_writes_nothing_for_an_unreadable_image(
-    run_dir, val_images, tmp_path, capsys
+    cluster, run_dir, val_images, tmp_path
 ):
     folder = tmp_path / "images"
     folder.mkdir()
@@ -175,10 +182,18 @@ def test_strict_prediction_with_tta_writes_nothing_for_an_unreadable_image(
         shutil.copy(image, folder)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     out = tmp_path / "strict.csv"
-    code = steelseg(["predict", "--checkpoint", run_dir.target, "--images", str(folder),
-                     "--out", str(out), "--strict", "--tta", "--no-progress"])  # fmt: skip
-    assert code == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    # the predict job as a user runs it on a machine with a `ray start` cluster: without
+    # RAY_ADDRESS it finds the cluster that ray start recorded, and attaches to it
+    env = {**cluster.env, "RAY_TMPDIR": str(cluster.tmp)}
+    job = subprocess.run(
+        [sys.executable, "ray_jobs/predict.py", "--checkpoint", run_dir.target, "--images",
+         str(folder), "--out", str(out), "--strict", "--tta", "--no-progress"],
+        cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert job.returncode == 1
+    err = job.stderr.strip().splitlines()
+    attached = f"attached to the running Ray cluster at {cluster.address} (started with ray start)"
+    assert attached in err, err
     assert err[-1].startswith("steelseg: error: 1 unreadable image") and "broken.jpg" in err[-1]
     assert not out.exists()
 
@@ -215,15 +230,15 @@ def test_checkpoint_paths_a_run_a_sweep_and_errors(run_dir, tmp_path):
         resolve_checkpoint(run_dir / "tensorboard")
 
 
-def test_figures_are_written_and_show_the_masks(
-    run_dir, four_class_dir, plain_submission, tmp_path
-):
-    out = tmp_path / "figures"
-    code = steelseg(["figures", str(out), "--data", str(four_class_dir), "--run", run_dir.target,
-                     "--submission", str(plain_submission), "--count", "2"])  # fmt: skip
+def test_figures_are_written_and_show_the_masks(run_dir, four_class_uri, plain_submission, s3):
+    # data, run, submission and the figures' folder all in the bucket
+    code = steelseg(["figures", s3.uri("figures"), "--data", four_class_uri,
+                     "--run", run_dir.target, "--submission", plain_submission,
+                     "--count", "2"])  # fmt: skip
     assert code == 0
     for name in ("figure1_samples.png", "figure2_loss.png", "figure3_predictions.png"):
-        picture = np.asarray(Image.open(out / name).convert("L"), dtype=np.float32)
+        picture = Image.open(io.BytesIO(s3.read(f"figures/{name}"))).convert("L")
+        picture = np.asarray(picture, dtype=np.float32)
         assert picture.shape[0] > 200 and picture.shape[1] > 400
         assert picture.std() > 10, f"{name} is blank"
-    assert steelseg(["figures", str(out)]) == 1
+    assert steelseg(["figures", s3.uri("figures")]) == 1

@@ -122,6 +122,37 @@ def test_lr_factor_warms_up_linearly_then_decays_by_cosine_to_the_floor():
     assert recipe.lr_factor(50, 4, 20) == pytest.approx(0.01)
 
 
+def test_schedule_moved_to_a_step_matches_one_stepped_there_and_goes_on_alike():
+    from steelseg.config import TrainConfig
+
+    config = TrainConfig(lr=1e-3, warmup_steps=4)
+
+    def schedule():
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
+        return optimizer, recipe.build_scheduler(config, optimizer, total_steps=40)
+
+    stepped_optimizer, stepped = schedule()
+    for _ in range(18):
+        stepped_optimizer.step()
+        stepped.step()
+    moved_optimizer, moved = schedule()
+    recipe.move_schedule(moved, 18)
+    assert moved_optimizer.param_groups[0]["lr"] == pytest.approx(
+        config.lr * recipe.lr_factor(18, 4, 40)
+    )
+    for _ in range(5):
+        assert moved_optimizer.param_groups[0]["lr"] == stepped_optimizer.param_groups[0]["lr"]
+        for optimizer, scheduler in ((stepped_optimizer, stepped), (moved_optimizer, moved)):
+            optimizer.step()
+            scheduler.step()
+
+
+def test_steps_per_epoch_follow_the_worker_count():
+    # 72 training images, batches of 4: 9 a rank on 2 workers, 18 on 1, 5 on 4 (18 images each)
+    assert [recipe.batches_per_epoch(72, w, 4) for w in (1, 2, 4)] == [18, 9, 5]
+    assert recipe.steps_per_epoch(72, 4, 4, grad_accum=2) == 3
+
+
 def test_class_bits_pack_and_unpack_every_combination():
     masks = np.zeros((4, 2, 8), np.uint8)
     for value in range(16):

@@ -1,7 +1,9 @@
 """The shared Ray Train run of conftest.py on the two-node cluster: four classes, images of
-sides not divisible by 32, crops, 2 workers on 2 nodes, resumed once and restored once, the run
-kept in the S3-compatible test store."""
+sides not divisible by 32, crops, 2 workers on 2 nodes, data and run in the S3-compatible test
+store; submitted with `ray job submit` (elastic), stopped with `ray job stop` and submitted
+again (a resume), its second node ended mid-run (it goes on with one worker)."""
 
+import io
 from pathlib import Path
 
 import pandas as pd
@@ -10,17 +12,19 @@ import torch
 from conftest import ODD_W, small_run
 
 from steelseg.runs import fetch_tensorboard, load_checkpoint, read_history, read_state
+from steelseg.storage import locate
 from steelseg.training.recipe import lr_factor
 
 TRAIN_IMAGES, VAL_IMAGES = 72, 24  # of the 96 images, val_fraction 0.25
 
 
 def test_two_workers_on_two_nodes_learn_all_four_classes_from_crops(trained_run):
-    run_dir, _, _, _ = trained_run
+    run_dir = trained_run.run_dir
     history = read_history(run_dir)
-    assert history["epoch"].tolist() == [1, 2, 3]
-    assert (history["nodes"] == 2).all()
-    assert history["worker_pids"].map(len).eq(2).all()
+    assert history["epoch"].tolist() == [1, 2, 3, 4]
+    # epoch 4 on the one node left (elastic), the others on two
+    assert history["nodes"].tolist() == [2, 2, 2, 1]
+    assert history["worker_pids"].map(len).tolist() == [2, 2, 2, 1]
     assert (history["train_images"] == TRAIN_IMAGES).all()
     assert (history["val_images"] == VAL_IMAGES).all()  # whole 48x176 images, padded
     first, last = history.iloc[0], history.iloc[-1]
@@ -34,46 +38,71 @@ def test_two_workers_on_two_nodes_learn_all_four_classes_from_crops(trained_run)
 def test_tensorboard_has_the_curves_and_the_figure(trained_run, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir, _, _, _ = trained_run
+    run_dir = trained_run.run_dir
     events = EventAccumulator(str(fetch_tensorboard(run_dir, tmp_path))).Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss_step", "loss/train", "loss/val", "lr", "val/kaggle_dice"} <= scalars
     assert {f"val/dice_class_{c}" for c in (1, 2, 3, 4)} <= scalars
     assert "val/truth_vs_prediction" in events.Tags()["images"]
-    # a resume and a restore, yet every epoch once
-    assert [e.value for e in events.Scalars("epoch")] == [1, 2, 3]
+    # two resumes and a restore, yet every epoch once
+    assert [e.value for e in events.Scalars("epoch")] == [1, 2, 3, 4]
     figure = events.Images("val/truth_vs_prediction")[-1]
     assert figure.width == ODD_W  # whole validation images, not the training crop
 
 
 def test_rerun_resumes_the_optimizer_and_schedule_where_they_stopped(trained_run):
-    run_dir, before, _, _ = trained_run
+    run_dir, before = trained_run.run_dir, trained_run.before
     history = read_history(run_dir)
-    pd.testing.assert_frame_equal(history.iloc[:1], before)  # the job's epoch is kept
-    assert history["resumed_from_epoch"].tolist()[:2] == [0, 1]
-    assert history["optimizer_steps"].tolist() == [9, 18, 27]  # 36 images a rank, batches of 4
+    pd.testing.assert_frame_equal(history.iloc[:2], before)  # the stopped job's epochs are kept
+    # 72 images, batches of 4: 9 steps a rank on 2 workers, 18 on 1 (epoch 4)
+    assert history["optimizer_steps"].tolist() == [9, 18, 27, 45]
     config = small_run(Path("data"), Path("runs"))
-    for epoch, lr in zip(history["epoch"][1:], history["lr"][1:]):
-        # the schedule of the 3-epoch run, continued at the restored step count
-        expected = config.lr * lr_factor(epoch * 9, config.warmup_steps, 3 * 9)
-        assert lr == pytest.approx(expected)
+    for epoch, lr, workers in zip(history["epoch"], history["lr"], history["worker_pids"].map(len)):
+        # the schedule of the 4-epoch run, at the end of the epoch in that epoch's steps
+        steps = 18 // workers
+        assert lr == pytest.approx(config.lr * lr_factor(epoch * steps, config.warmup_steps,
+                                                         4 * steps)), epoch  # fmt: skip
 
 
-def test_killed_worker_is_restored_from_the_last_checkpoint(trained_run):
-    run_dir, _, _, killed = trained_run
-    history = read_history(run_dir)
-    assert killed, "the run recorded no worker to kill"
-    assert killed[0] == history["worker_pids"].iloc[1][1]  # rank 1 of epoch 2
-    assert history["resumed_from_epoch"].iloc[2] == 2, "epoch 3 was not restored from epoch 2"
-    assert killed[0] not in history["worker_pids"].iloc[2]
+def test_a_node_that_goes_away_leaves_the_run_on_the_others_from_the_last_checkpoint(trained_run):
+    from conftest import RESUMED
+
+    history, ended = read_history(trained_run.run_dir), trained_run.ended_node
+    assert set(history["worker_pids"].iloc[2]) & set(ended), "no worker of epoch 3 was on it"
+    assert history["resumed_from_epoch"].iloc[3] == 3, "epoch 4 was not restored from epoch 3"
+    assert not set(history["worker_pids"].iloc[3]) & set(ended)
+    status, logs = trained_run.submitted[RESUMED]
+    assert status == "SUCCEEDED" and "finished epoch 4: val Dice" in logs  # it finished
 
 
-def test_rebuild_model_from_checkpoint_alone(trained_run, four_class_dir):
-    run_dir, _, _, _ = trained_run
-    model, loaded, state = load_checkpoint(run_dir / "epoch_0003")
-    assert loaded.epochs == 3 and loaded.data == str(four_class_dir) and state["epoch"] == 3
+def test_stopped_job_submitted_again_resumes_from_its_last_checkpoint(trained_run):
+    from conftest import RESUMED, STOPPED
+
+    history = read_history(trained_run.run_dir)
+    (stopped, stopped_logs), (finished, logs) = (
+        trained_run.submitted[STOPPED],
+        trained_run.submitted[RESUMED],
+    )
+    assert (stopped, finished) == ("STOPPED", "SUCCEEDED")
+    assert "epoch 2/4: train loss" in stopped_logs and "epoch 3/4" not in stopped_logs
+    # `ray job stop` sends SIGTERM: the job ends the run as on Ctrl-C, giving its resources
+    # back at once (the resubmission would otherwise wait minutes for Ray to release them)
+    assert "stop requested (SIGTERM): ending the run cleanly" in stopped_logs
+    assert history["resumed_from_epoch"].tolist() == [0, 0, 2, 3]
+    assert not set(history["worker_pids"].iloc[2]) & set(history["worker_pids"].iloc[1])
+    # `ray job logs` of the second submission: its epochs only, its end and the run's place
+    assert "epoch 3/4: train loss" in logs and "epoch 4/4: train loss" in logs
+    assert "epoch 2/4" not in logs and "finished epoch 4: val Dice" in logs
+    assert f"run:         {trained_run.run_dir.target}" in logs
+
+
+def test_rebuild_model_from_checkpoint_alone(trained_run, four_class_uri):
+    run_dir = trained_run.run_dir
+    model, loaded, state = load_checkpoint(run_dir / "epoch_0004")
+    assert loaded.epochs == 4 and state["epoch"] == 4
+    assert loaded.data == locate(four_class_uri, "data").target  # the bucket, its endpoint
     assert set(state) == {"model", "config", "epoch", "metrics"}  # no optimizer read to predict
-    whole = read_state(run_dir / "epoch_0003")
+    whole = read_state(run_dir / "epoch_0004")
     assert {"model", "optimizer", "scheduler", "scaler", "epoch", "config"} <= set(whole)
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 32, 160)).shape == (1, 4, 32, 160)
@@ -82,8 +111,10 @@ def test_rebuild_model_from_checkpoint_alone(trained_run, four_class_dir):
 def test_the_run_lives_wholly_in_the_bucket(trained_run, s3):
     keys = s3.keys("runs/run/")
     checkpoints = {k.split("/")[2] for k in keys if k.endswith("/model.pt")}
-    assert checkpoints == {"epoch_0001", "epoch_0002", "epoch_0003"}  # 3 kept, best and latest
+    assert len(checkpoints) == 3 and "epoch_0004" in checkpoints  # 3 kept, the best and latest
     assert {"runs/run/history.jsonl", "runs/run/split.parquet"} <= set(keys)
     events = [k for k in keys if k.startswith("runs/run/tensorboard/events.out.tfevents")]
-    assert len(events) >= 2  # the job's attempt and the resumed one's
+    assert len(events) >= 3  # the first job's, the submitted job's and its resubmission's
     assert not any((Path(__file__).parents[2]).glob("s3*")), "a local folder named after the URI"
+    split = pd.read_parquet(io.BytesIO(s3.read("runs/run/split.parquet")))
+    assert split["path"].str.startswith("s3://steelseg/data/four/train_images/").all()
