@@ -263,7 +263,7 @@ def wait_for_checkpoint(run_dir, epoch: int, timeout_s: float = 300):
             history = []
         if len(history) and history["epoch"].iloc[-1] == epoch:
             return history
-        time.sleep(0.2)
+        time.sleep(1.0)  # each look is three requests to the store, which shares the 2 cores
     raise AssertionError(f"no checkpoint of epoch {epoch} in {run_dir} after {timeout_s} s")
 
 
