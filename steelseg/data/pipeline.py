@@ -12,7 +12,6 @@ the same in every run, so each epoch sees new batches and new augmentations, rep
 import zlib
 from functools import lru_cache
 
-import albumentations as A
 import numpy as np
 import pandas as pd
 import ray
@@ -50,7 +49,11 @@ def read_batch(batch: dict[str, np.ndarray], modalities: list[str]) -> dict[str,
 
 
 @lru_cache(maxsize=4)
-def augmentation(crop_height: int, crop_width: int) -> A.Compose:
+def augmentation(crop_height: int, crop_width: int):
+    """albumentations' ``Compose``; imported here, where it runs: it imports torch, which the
+    Ray Data processes that only plan or read the pipeline need not pay for."""
+    import albumentations as A
+
     steps = [A.RandomCrop(crop_height, crop_width)] if crop_height else []
     steps += [
         A.HorizontalFlip(p=0.5),

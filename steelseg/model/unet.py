@@ -1,6 +1,10 @@
-"""The paper's network: a U-Net whose encoder is torchvision's resnet18.
+"""The paper's network: a U-Net whose encoder is a resnet18.
 
-Read top to bottom: ``conv_relu`` -> ``UNet``. Skips from the five encoder stages pass through
+Read top to bottom: ``conv_relu`` -> ``BasicBlock`` -> ``ResNet18Encoder`` -> ``UNet``. The
+encoder is torchvision's resnet18 without its classifier, written out with torchvision's
+parameter names so that its state_dicts (ImageNet weights) load as they are; written out
+because importing torchvision costs every Ray process that builds the model seconds (it imports
+torch._dynamo). Skips from the five encoder stages pass through
 1x1 conv + ReLU adapters; the decoder upsamples bilinearly (x2, align_corners=True) and fuses
 each skip with 3x3 conv + ReLU; a full-resolution branch on the input joins after the last
 upsample; a 1x1 head gives one logit per class and pixel.
@@ -13,7 +17,6 @@ loads encoder weights into it.
 import math
 
 import torch
-import torchvision
 from torch import nn
 
 from steelseg.domain import ENCODER_STRIDE
@@ -23,6 +26,49 @@ def conv_relu(in_channels: int, out_channels: int, kernel: int) -> nn.Sequential
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2), nn.ReLU(inplace=True)
     )
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with BatchNorm and a residual connection (1x1 conv when the shape
+    changes), as torchvision's ``resnet.BasicBlock``."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class ResNet18Encoder(nn.Module):
+    """torchvision's resnet18 up to ``layer4`` (no pooling, no classifier), initialised as
+    torchvision initialises it."""
+
+    def __init__(self, in_channels: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = nn.Sequential(BasicBlock(64, 64), BasicBlock(64, 64))
+        self.layer2 = nn.Sequential(BasicBlock(64, 128, 2), BasicBlock(128, 128))
+        self.layer3 = nn.Sequential(BasicBlock(128, 256, 2), BasicBlock(256, 256))
+        self.layer4 = nn.Sequential(BasicBlock(256, 512, 2), BasicBlock(512, 512))
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
 
 class UNet(nn.Module):
@@ -40,10 +86,7 @@ class UNet(nn.Module):
         super().__init__()
         self.n_classes = n_classes
         self.in_channels = in_channels
-        self.encoder = torchvision.models.resnet18(weights=None)
-        del self.encoder.fc  # classification head, unused
-        if in_channels != 3:
-            self.encoder.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        self.encoder = ResNet18Encoder(in_channels)
 
         self.layer0_1x1 = conv_relu(64, 64, 1)
         self.layer1_1x1 = conv_relu(64, 64, 1)

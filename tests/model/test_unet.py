@@ -96,3 +96,22 @@ def test_fusion_keeps_pretrained_weights_and_trains(resnet_file, in_channels):
     out = model(torch.randn(2, in_channels, 32, 64))
     out.mean().backward()
     assert conv1.grad is not None and conv1.grad[:, 3:].abs().sum() > 0
+
+
+def test_encoder_is_torchvisions_resnet18_up_to_layer4(resnet_file):
+    resnet = torchvision.models.resnet18(weights=None)
+    resnet.load_state_dict(torch.load(resnet_file, weights_only=True))
+    model = UNet()
+    pretrained.load_encoder_file(model, resnet_file)
+    resnet.eval(), model.eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        expected = resnet.layer4(
+            resnet.layer3(
+                resnet.layer2(
+                    resnet.layer1(resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(x)))))
+                )
+            )
+        )
+        assert torch.allclose(model.encode(x)[-1], expected, atol=1e-5)
+    assert set(model.encoder.state_dict()) == set(resnet.state_dict()) - {"fc.weight", "fc.bias"}
