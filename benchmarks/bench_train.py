@@ -5,7 +5,10 @@ and peak memory per worker.
     python benchmarks/bench_train.py ray --height 32 --width 160 --workers 2    # needs Ray
 
 ``bare`` times ``steelseg.training.epoch.train_one_epoch`` on in-memory uint8 batches (no data
-loading), with bf16 autocast + channels_last on GPU and fp32, and prints images/s and peak memory.
+loading), with bf16 autocast + channels_last on GPU and fp32, and prints images/s, peak memory,
+the FLOPs of one step counted by ``torch.utils.flop_counter`` (convolutions and matmuls, forward
+and backward), the TFLOP/s they make and the model FLOP utilisation against a large matmul timed
+in the same run in the same precision.
 ``ray`` runs ``steelseg.training.fit.fit`` on a synthetic set and compares its images/s per worker
 (the last epochs, after warm-up) with the bare step run with the same threads per worker."""
 
@@ -13,6 +16,7 @@ import argparse
 import json
 import os
 import resource
+import sys
 import tempfile
 import time
 
@@ -33,6 +37,36 @@ def synthetic_batches(n, batch, height, width, seed=0):
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def step_flops(model, loss_fn, batch, device, amp) -> int:
+    """FLOPs of one forward + backward on ``batch``, counted, not estimated."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from steelseg.model.inputs import autocast, forward_padded, to_inputs
+
+    x, y = to_inputs(batch, device, channels_last=amp and device.type == "cuda")
+    with FlopCounterMode(display=False) as counter:
+        with autocast(device, amp):
+            logits = forward_padded(model, x)
+        loss_fn(logits, y).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def matmul_rate(device, dtype, size: int, repeats: int = 10) -> float:
+    """FLOP/s of a square matmul, the chip's practical peak in this precision."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
 def bare_step(height, width, batch, steps, amp, device, threads=None):
@@ -57,10 +91,20 @@ def bare_step(height, width, batch, steps, amp, device, threads=None):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else peak_rss_gib()
+    flops = step_flops(model, loss_fn, warm[0], device, amp)
+    gpu = device.type == "cuda"
+    peak_rate = matmul_rate(
+        device, torch.bfloat16 if amp and gpu else torch.float32, 8192 if gpu else 1024
+    )
+    achieved = flops * steps / seconds
     return {
         "images_per_s": steps * batch / seconds,
         "peak_gib": peak,
         "s_per_step": seconds / steps,
+        "gflop_per_image": flops / batch / 1e9,
+        "achieved_tflops": achieved / 1e12,
+        "matmul_tflops": peak_rate / 1e12,
+        "mfu": achieved / peak_rate,
     }
 
 
@@ -78,11 +122,20 @@ def cmd_bare(args):
         rows.append({"precision": label, **r})
         print(
             f"  {label:30s} {r['images_per_s']:8.1f} images/s  {r['s_per_step'] * 1e3:7.1f} "
-            f"ms/step  peak {'GPU' if device.type == 'cuda' else 'RSS'} {r['peak_gib']:.2f} GiB"
+            f"ms/step  peak {'GPU' if device.type == 'cuda' else 'RSS'} {r['peak_gib']:.2f} GiB  "
+            f"{r['gflop_per_image']:.1f} GFLOP/image  {r['achieved_tflops']:.3f} TFLOP/s of "
+            f"{r['matmul_tflops']:.3f} (matmul)  MFU {100 * r['mfu']:.1f}%"
         )
     if args.json:
+        record = {
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": name,
+            "torch": torch.__version__,
+            "command": "python " + " ".join(sys.argv),
+            "rows": rows,
+        }
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump(record, f, indent=1)
 
 
 def cmd_ray(args):

@@ -9,6 +9,7 @@ import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -69,11 +70,16 @@ class Worker:
     def run(self) -> None:
         for epoch in range(self.start_epoch, self.config.epochs):
             started = time.perf_counter()
-            train_sum, train_n = self._train_epoch(epoch)
-            train_seconds = time.perf_counter() - started
+            train_sum, train_n, data_wait = self._train_epoch(epoch)
+            validating = time.perf_counter()
             val_sum, val_n, counts, samples = self._validate_epoch()
+            times = {
+                "data_wait": data_wait,
+                "step": validating - started - data_wait,
+                "validate": time.perf_counter() - validating,
+            }
             metrics = self._epoch_metrics(
-                epoch, [train_sum, train_n, val_sum, val_n], counts, train_seconds
+                epoch, [train_sum, train_n, val_sum, val_n], counts, times
             )
             self._save(epoch, metrics, samples)
         if self.writer:
@@ -108,10 +114,11 @@ class Worker:
         self.optimizer_steps = state.get("optimizer_steps", state["scheduler"]["last_epoch"])
         return state["epoch"], state["global_step"]
 
-    def _train_epoch(self, epoch: int) -> tuple[float, int]:
+    def _train_epoch(self, epoch: int) -> tuple[float, int, float]:
+        """(loss sum, images, seconds spent waiting for batches)."""
         config = self.config
-        batches = ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=config.batch_size
+        batches = Waited(
+            ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=config.batch_size)
         )
         first_step, first_schedule_step = self.global_step, self.scheduler.last_epoch
 
@@ -133,7 +140,7 @@ class Worker:
         )
         self.global_step += -(-seen // config.batch_size)
         self.optimizer_steps += self.scheduler.last_epoch - first_schedule_step
-        return loss_sum, seen
+        return loss_sum, seen, batches.seconds
 
     def _validate_epoch(self) -> tuple[float, int, DiceCounts, list]:
         batches = ray.train.get_dataset_shard("val").iter_torch_batches(
@@ -150,11 +157,14 @@ class Worker:
         )
 
     def _epoch_metrics(
-        self, epoch: int, sums: list[float], counts: DiceCounts, train_seconds: float
+        self, epoch: int, sums: list[float], counts: DiceCounts, times: dict[str, float]
     ) -> dict:
-        """The epoch's metrics over all ranks: losses and Dice from summed counts."""
+        """The epoch's metrics over all ranks: losses and Dice from summed counts, the phases'
+        seconds of the slowest rank."""
         counts.all_reduce()
         train_sum, train_n, val_sum, val_n = all_reduce_sums(sums, self.device)
+        slowest = all_reduce_max(list(times.values()), self.device)
+        train_seconds = slowest[0] + slowest[1]
         return {
             "epoch": epoch + 1,
             "train_loss": train_sum / max(train_n, 1),
@@ -168,19 +178,22 @@ class Worker:
             "nodes": self.nodes,
             "worker_pids": self.pids,
             **peak_memory(self.device),
+            **{f"time_{phase}_s": value for phase, value in zip(times, slowest)},
             **counts.compute().as_dict("val_"),
         }
 
     def _save(self, epoch: int, metrics: dict, samples: list) -> None:
-        """Rank 0 logs the epoch and writes the checkpoint; every rank reports."""
-        state = None
-        if self.rank == 0:
-            log_epoch(self.writer, metrics, samples, self.global_step)
-            if self.tensorboard_staging:  # the run's folder is in an object store
-                runs.tensorboard_dir(self.run_dir).upload(self.tensorboard_staging)
-            runs.append_history(self.run_dir, metrics)
-            self.sender.epoch(metrics)
-            state = {
+        """Rank 0 writes the checkpoint and logs the epoch; every rank reports."""
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        # staged in a local folder that Ray deletes once it is in storage; with async upload
+        # the next epoch trains meanwhile (a checkpoint holds ~200 MB)
+        started = time.perf_counter()
+        folder = tempfile.mkdtemp(prefix="steelseg-ckpt-")
+        runs.write_state(
+            folder,
+            {
                 "model": self.bare.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
@@ -190,14 +203,14 @@ class Worker:
                 "optimizer_steps": self.optimizer_steps,
                 "config": self.config.to_dict(),
                 "metrics": metrics,
-            }
-        if state is None:
-            ray.train.report(metrics)
-            return
-        # staged in a local folder that Ray deletes once it is in storage; with async upload
-        # the next epoch trains meanwhile (a checkpoint holds ~200 MB)
-        folder = tempfile.mkdtemp(prefix="steelseg-ckpt-")
-        runs.write_state(folder, state)
+            },
+        )
+        self.writer.add_scalar("time/checkpoint", time.perf_counter() - started, self.global_step)
+        log_epoch(self.writer, metrics, samples, self.global_step)  # flushes
+        if self.tensorboard_staging:  # the run's folder is in an object store
+            runs.tensorboard_dir(self.run_dir).upload(self.tensorboard_staging)
+        runs.append_history(self.run_dir, metrics)
+        self.sender.epoch(metrics)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(folder),
@@ -229,11 +242,38 @@ class Worker:
         return SummaryWriter(self.tensorboard_staging or folder.path, purge_step=purge)
 
 
+class Waited:
+    """Batches, adding up the seconds spent waiting for each (the data pipeline's share of
+    the epoch; the rest is the step's)."""
+
+    def __init__(self, batches: Iterable):
+        self.batches = batches
+        self.seconds = 0.0
+
+    def __iter__(self) -> Iterator:
+        batches = iter(self.batches)
+        while True:
+            started = time.perf_counter()
+            batch = next(batches, None)
+            self.seconds += time.perf_counter() - started
+            if batch is None:
+                return
+            yield batch
+
+
 def all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
-    sums = torch.tensor(values, dtype=torch.float64, device=device)
+    return _all_reduce(values, device, "SUM")
+
+
+def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
+    return _all_reduce(values, device, "MAX")
+
+
+def _all_reduce(values: list[float], device: torch.device, op: str) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sums)
-    return sums.tolist()
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
+    return tensor.tolist()
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:
@@ -241,11 +281,8 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     peaks = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20]
     if device.type == "cuda":
         peaks.append(torch.cuda.max_memory_allocated(device) / 2**30)
-    values = torch.tensor(peaks, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
     names = ["peak_worker_rss_gib", "peak_gpu_memory_gib"]
-    return dict(zip(names, values.tolist()))
+    return dict(zip(names, all_reduce_max(peaks, device)))
 
 
 def gather_workers() -> tuple[int, list[int]]:
@@ -264,6 +301,8 @@ def log_epoch(writer, metrics: dict, samples: list, step: int) -> None:
     writer.add_scalar("loss/val", metrics["val_loss"], step)
     writer.add_scalar("lr", metrics["lr"], step)
     writer.add_scalar("epoch", metrics["epoch"], step)
+    for phase in ("data_wait", "step", "validate"):
+        writer.add_scalar(f"time/{phase}", metrics[f"time_{phase}_s"], step)
     for key, value in metrics.items():
         if key.startswith("val_") and key != "val_loss" and np.isfinite(value):
             writer.add_scalar(f"val/{key.removeprefix('val_')}", value, step)

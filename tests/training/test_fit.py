@@ -44,6 +44,10 @@ def test_tensorboard_has_the_curves_and_the_figure(trained_run, tmp_path):
     assert {"train/loss_step", "loss/train", "loss/val", "lr", "val/kaggle_dice"} <= scalars
     assert {f"val/dice_class_{c}" for c in (1, 2, 3, 4)} <= scalars
     assert "val/truth_vs_prediction" in events.Tags()["images"]
+    # where each epoch's time went, and each checkpoint's (every epoch once, as below)
+    for phase in ("data_wait", "step", "validate", "checkpoint"):
+        values = [e.value for e in events.Scalars(f"time/{phase}")]
+        assert len(values) == 4 and all(v > 0 for v in values), (phase, values)
     # two resumes and a restore, yet every epoch once
     assert [e.value for e in events.Scalars("epoch")] == [1, 2, 3, 4]
     figure = events.Images("val/truth_vs_prediction")[-1]
