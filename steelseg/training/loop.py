@@ -163,8 +163,10 @@ class Worker:
         seconds of the slowest rank."""
         counts.all_reduce()
         train_sum, train_n, val_sum, val_n = all_reduce_sums(sums, self.device)
-        slowest = all_reduce_max(list(times.values()), self.device)
-        train_seconds = slowest[0] + slowest[1]
+        # the training pass of the slowest rank: the max of each rank's own sum
+        *slowest, train_seconds = all_reduce_max(
+            [*times.values(), times["data_wait"] + times["step"]], self.device
+        )
         return {
             "epoch": epoch + 1,
             "train_loss": train_sum / max(train_n, 1),
