@@ -6,7 +6,10 @@ so all four classes cost one byte a pixel in the object store); the training set
 augmented with albumentations. Floats appear only on the worker (``steelseg.model.inputs``).
 
 Shuffling happens on the table, before decoding, with a seed that changes every epoch but is
-the same in every run, so each epoch sees new batches and new augmentations, repeatably.
+the same in every run, so each epoch sees new batches and new augmentations, repeatably. The
+table (paths and RLE strings, small) is shuffled as one block and then cut into the blocks that
+tasks decode: Ray's shuffle of n blocks makes n x n objects, which cost 0.1 s a block per epoch
+before any image was read (benchmarks/bench_pipeline.py).
 """
 
 import zlib
@@ -23,15 +26,9 @@ from steelseg.data.images import path_columns, read_stack
 from steelseg.domain import RLE_COLUMNS
 from steelseg.errors import SteelsegError
 
-ROWS_PER_BLOCK = 32
-
-
-def pack_bits(masks: np.ndarray) -> np.ndarray:
-    """(4, H, W) 0/1 masks -> (H, W) uint8 with bit c set where class c + 1 is."""
-    bits = np.zeros(masks.shape[1:], dtype=np.uint8)
-    for c in range(masks.shape[0]):
-        bits |= masks[c] << np.uint8(c)
-    return bits
+# a task decodes about this many pixels (48 MB of RGB): its work outweighs its start
+BLOCK_PIXELS = 2**24
+MIN_ROWS_PER_BLOCK, MAX_ROWS_PER_BLOCK = 8, 256
 
 
 def read_batch(batch: dict[str, np.ndarray], modalities: list[str]) -> dict[str, np.ndarray]:
@@ -42,9 +39,8 @@ def read_batch(batch: dict[str, np.ndarray], modalities: list[str]) -> dict[str,
         image = read_stack([batch[c][i] for c in columns])
         height, width = image.shape[:2]
         strings = [batch[c][i] for c in RLE_COLUMNS]
-        decoded = rle.decode_classes(strings, height, width, image_id=image_id)
         images.append(image)
-        masks.append(pack_bits(decoded))
+        masks.append(rle.decode_bits(strings, height, width, image_id=image_id))
     return {"image": np.stack(images), "mask": np.stack(masks), "image_id": batch["image_id"]}
 
 
@@ -82,11 +78,24 @@ def augment_batch(
     }
 
 
+def rows_per_block(table: pd.DataFrame) -> int:
+    """Images a Ray Data task decodes: about ``BLOCK_PIXELS``, between 8 and 256 images."""
+    pixels = int(table["height"].max()) * int(table["width"].max())
+    return int(np.clip(BLOCK_PIXELS // pixels, MIN_ROWS_PER_BLOCK, MAX_ROWS_PER_BLOCK))
+
+
+def n_blocks(table: pd.DataFrame) -> int:
+    return max(1, -(-len(table) // rows_per_block(table)))
+
+
+def _columns(table: pd.DataFrame, modalities: list[str]) -> pd.DataFrame:
+    return table[["image_id", *path_columns(modalities), *RLE_COLUMNS]].reset_index(drop=True)
+
+
 def _from_table(table: pd.DataFrame, modalities: list[str]) -> ray.data.Dataset:
-    columns = ["image_id", *path_columns(modalities), *RLE_COLUMNS]
-    n_blocks = max(1, -(-len(table) // ROWS_PER_BLOCK))
-    blocks = [table.iloc[i::n_blocks][columns].reset_index(drop=True) for i in range(n_blocks)]
-    return ray.data.from_pandas(blocks)
+    n = n_blocks(table)
+    rows = _columns(table, modalities)
+    return ray.data.from_pandas([rows.iloc[i::n].reset_index(drop=True) for i in range(n)])
 
 
 def check_crop(config: TrainConfig, table: pd.DataFrame) -> None:
@@ -102,8 +111,9 @@ def train_dataset(table: pd.DataFrame, config: TrainConfig) -> ray.data.Dataset:
     check_crop(config, table)
     shuffle_seed = ray.data.RandomSeedConfig(seed=config.seed, reseed_after_execution=True)
     return (
-        _from_table(table, config.modalities)
+        ray.data.from_pandas(_columns(table, config.modalities))
         .random_shuffle(seed=shuffle_seed)
+        .repartition(n_blocks(table))
         .map_batches(read_batch, fn_kwargs={"modalities": config.modalities}, batch_size=8)
         .map_batches(
             augment_batch,

@@ -129,3 +129,21 @@ def test_decode_classes_into_row_major_array_too():
 def test_decode_classes_names_the_bad_class():
     with pytest.raises(RLEError, match="image x.jpg class 2: odd"):
         rle.decode_classes(["", "1"], 4, 4, image_id="x.jpg")
+
+
+def test_decode_bits_sets_one_bit_a_class_where_decode_classes_has_its_mask(real_dir):
+    strings = {row.ClassId: row.EncodedPixels for row in real_rows(real_dir)}
+    rles = [strings.get(c, "") for c in (1, 2, 3, 4)]
+    rles[0] = rles[2]  # class 1 where class 3 is: overlapping classes keep both bits
+    bits = rle.decode_bits(rles, H, W)
+    masks = rle.decode_classes(rles, H, W)
+    assert bits.shape == (H, W) and bits.dtype == np.uint8
+    for c in range(4):
+        np.testing.assert_array_equal((bits >> c) & 1, masks[c])
+    # nothing, classes 1 + 3, class 4, and 1 + 3 + 4 where this image's classes 3 and 4 touch
+    assert set(np.unique(bits).tolist()) == {0, 5, 8, 13}
+
+
+def test_decode_bits_names_the_bad_class():
+    with pytest.raises(RLEError, match="image x.jpg class 4: odd"):
+        rle.decode_bits(["", "", "", "3"], 4, 4, image_id="x.jpg")

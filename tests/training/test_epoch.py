@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from steelseg.config import TrainConfig
-from steelseg.data.pipeline import pack_bits
+from steelseg.data import rle
 from steelseg.model import inputs
 from steelseg.training import epoch, recipe
 
@@ -153,13 +153,13 @@ def test_steps_per_epoch_follow_the_worker_count():
     assert recipe.steps_per_epoch(72, 4, 4, grad_accum=2) == 3
 
 
-def test_class_bits_pack_and_unpack_every_combination():
+def test_class_bits_decode_and_unpack_every_combination():
     masks = np.zeros((4, 2, 8), np.uint8)
     for value in range(16):
         for c in range(4):
             masks[c, value // 8, value % 8] = (value >> c) & 1
-    bits = pack_bits(masks)
-    assert bits.reshape(-1).tolist() == list(range(16))
+    bits = rle.decode_bits([rle.encode(m) for m in masks], 2, 8)
+    assert np.ascontiguousarray(bits).reshape(-1).tolist() == list(range(16))
     unpacked = inputs.unpack_masks(torch.from_numpy(bits)[None])
     assert unpacked.dtype == torch.float32
     np.testing.assert_array_equal(unpacked[0].numpy(), masks)
