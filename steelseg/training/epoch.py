@@ -20,19 +20,25 @@ def train_one_epoch(
     device: torch.device,
     *,
     amp: bool = False,
+    channels_last: bool | None = None,
     grad_accum: int = 1,
-    on_step: Callable[[int, float, int], None] | None = None,
+    on_step: Callable[[int, torch.Tensor, int], None] | None = None,
 ) -> tuple[float, int]:
     """One pass over ``batches``; returns (sum of per-image loss, images seen).
 
-    ``on_step(batch_index, loss, batch_images)`` is called after every batch. The optimizer steps
+    ``on_step(batch_index, loss, batch_images)`` is called after every batch with the loss as a
+    0-d tensor on the device: reading it (``float``) waits for the device, so a caller reads it
+    only when it shows it; the loop itself reads the loss once, at the end. The optimizer steps
     every ``grad_accum`` batches and once more at the end for a remainder, whose gradient is the
-    mean over its own batches.
+    mean over its own batches. ``channels_last`` (the model's layout; default: with ``amp`` on
+    CUDA) is the layout the inputs are given in.
     """
     model.train()
-    total, seen, pending = 0.0, 0, 0
+    if channels_last is None:
+        channels_last = amp and device.type == "cuda"
+    total, seen, pending = torch.zeros((), device=device), 0, 0
     for i, batch in enumerate(batches):
-        x, y = to_inputs(batch, device, channels_last=amp and device.type == "cuda")
+        x, y = to_inputs(batch, device, channels_last=channels_last)
         with autocast(device, amp):
             logits = forward_padded(model, x)
         loss = loss_fn(logits, y)
@@ -42,15 +48,15 @@ def train_one_epoch(
         if pending == grad_accum:
             _step(optimizer, scheduler)
             pending = 0
-        value = loss.item()
-        total += value * x.shape[0]
+        loss = loss.detach()
+        total += loss * x.shape[0]
         seen += x.shape[0]
         if on_step:
-            on_step(i, value, x.shape[0])
+            on_step(i, loss, x.shape[0])
     if pending:
         _rescale_gradients(model, grad_accum / pending)
         _step(optimizer, scheduler)
-    return total, seen
+    return total.item(), seen
 
 
 def _rescale_gradients(model: nn.Module, factor: float) -> None:
@@ -74,21 +80,24 @@ def validate_one_epoch(
     *,
     threshold: float = 0.5,
     amp: bool = False,
+    channels_last: bool | None = None,
     keep: int = 0,
 ) -> tuple[float, int, DiceCounts, list[tuple[torch.Tensor, ...]]]:
     """Loss sum, images, Dice counts (not yet all-reduced) and up to ``keep`` (image, truth,
     prediction) samples for figures."""
     model.eval()
+    if channels_last is None:
+        channels_last = amp and device.type == "cuda"
     counts = DiceCounts(N_CLASSES, device)
-    total, seen, samples = 0.0, 0, []
+    total, seen, samples = torch.zeros((), device=device), 0, []
     for batch in batches:
-        x, y = to_inputs(batch, device, channels_last=amp and device.type == "cuda")
+        x, y = to_inputs(batch, device, channels_last=channels_last)
         with autocast(device, amp):
             logits = forward_padded(model, x)
-        total += loss_fn(logits, y).item() * x.shape[0]
+        total += loss_fn(logits, y).float() * x.shape[0]
         seen += x.shape[0]
         pred = torch.sigmoid(logits.float()) > threshold
         counts.update(pred, y.bool())
         for k in range(min(keep - len(samples), x.shape[0])):
             samples.append((batch["image"][k].cpu(), y[k].cpu(), pred[k].cpu()))
-    return total, seen, counts, samples
+    return total.item(), seen, counts, samples

@@ -26,6 +26,8 @@ from steelseg.evaluation.metrics import DiceCounts
 from steelseg.training import progress, recipe
 from steelseg.training.epoch import train_one_epoch, validate_one_epoch
 
+LOSS_STEP_EVERY = 10  # train/loss_step in TensorBoard every this many steps
+
 UPLOAD_MODES = {
     "async": ray.train.CheckpointUploadMode.ASYNC,
     "sync": ray.train.CheckpointUploadMode.SYNC,
@@ -118,13 +120,16 @@ class Worker:
         """(loss sum, images, seconds spent waiting for batches)."""
         config = self.config
         batches = Waited(
-            ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=config.batch_size)
+            ray.train.get_dataset_shard("train").iter_torch_batches(
+                batch_size=config.batch_size, pin_memory=self.device.type == "cuda"
+            )
         )
         first_step, first_schedule_step = self.global_step, self.scheduler.last_epoch
 
-        def on_step(i: int, loss: float, n: int) -> None:
-            if self.writer:
-                self.writer.add_scalar("train/loss_step", loss, first_step + i)
+        def on_step(i: int, loss: torch.Tensor, n: int) -> None:
+            # reading the loss waits for the GPU: only every LOSS_STEP_EVERY steps
+            if self.writer and (first_step + i) % LOSS_STEP_EVERY == 0:
+                self.writer.add_scalar("train/loss_step", loss.item(), first_step + i)
             self.sender.step(epoch + 1, i + 1, self.batches, loss)
 
         loss_sum, seen = train_one_epoch(
@@ -144,7 +149,7 @@ class Worker:
 
     def _validate_epoch(self) -> tuple[float, int, DiceCounts, list]:
         batches = ray.train.get_dataset_shard("val").iter_torch_batches(
-            batch_size=self.config.batch_size
+            batch_size=self.config.batch_size, pin_memory=self.device.type == "cuda"
         )
         return validate_one_epoch(
             self.bare,

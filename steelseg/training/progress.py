@@ -24,14 +24,16 @@ class Sender:
         self.queue = queue
         self.last = 0.0
 
-    def step(self, epoch: int, batch: int, batches: int, loss: float) -> None:
+    def step(self, epoch: int, batch: int, batches: int, loss) -> None:
+        """``loss``: a float or a 0-d tensor, read only when an event is sent (on a GPU, reading
+        it waits for the step)."""
         now = time.monotonic()
         if self.queue is None:
             return
         if now - self.last < STEP_INTERVAL_S and 1 < batch < batches:
             return
         self.last = now
-        self._send(("step", epoch, batch, batches, loss))
+        self._send(("step", epoch, batch, batches, float(loss)))
 
     def epoch(self, metrics: dict[str, Any]) -> None:
         if self.queue is not None:
