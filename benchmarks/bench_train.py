@@ -1,19 +1,24 @@
-"""Training throughput: the bare training step against a Ray Train run on the same machine and data,
-and peak memory per worker.
+"""Training throughput: the bare training step in its variants, and a Ray Train run against it.
 
-    python benchmarks/bench_train.py bare --height 256 --width 512 --batch 16   # CPU or GPU
-    python benchmarks/bench_train.py ray --height 32 --width 160 --workers 2    # needs Ray
+    python benchmarks/bench_train.py bare --height 256 --width 1600 --batch 8,16   # GPU or CPU
+    python benchmarks/bench_train.py bare --height 64 --width 320 --threads 1,2    # CPU
+    python benchmarks/bench_train.py ray --height 32 --width 160 --workers 1,2      # needs Ray
+    python benchmarks/bench_train.py ray --workers 2 --two-nodes                    # 2 nodes here
 
 ``bare`` times ``steelseg.training.epoch.train_one_epoch`` on in-memory uint8 batches (no data
-loading), with bf16 autocast + channels_last on GPU and fp32, and prints images/s, peak memory,
-the FLOPs of one step counted by ``torch.utils.flop_counter`` (convolutions and matmuls, forward
-and backward), the TFLOP/s they make and the model FLOP utilisation against a large matmul timed
-in the same run in the same precision.
-``ray`` runs ``steelseg.training.fit.fit`` on a synthetic set and compares its images/s per worker
-(the last epochs, after warm-up) with the bare step run with the same threads per worker."""
+loading) for each variant (``--variants``; on a GPU by default bf16 autocast with and without
+channels_last, fused AdamW, ``torch.compile`` in its default, max-autotune and CUDA-graph modes,
+and fp32; on a CPU fp32 with and without channels_last), and prints images/s, peak memory, the
+FLOPs of one step counted by ``torch.utils.flop_counter`` (convolutions and matmuls, forward and
+backward), the TFLOP/s they make and the model FLOP utilisation against a large matmul timed in
+the same run in the same precision. A variant that fails (a compile mode on this machine) is
+reported as failed and the others still run.
+``ray`` runs ``steelseg.training.fit.fit`` on a synthetic set with 1 and 2 workers of 1 CPU and
+compares the images/s per worker (epochs after the first) with the bare step on 1 thread, with
+where a step's time goes (the worker loop's timers: waiting for Ray Data, the step with DDP's
+all-reduce). Each writes JSON (``--json``) with date, machine, versions and command."""
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -22,6 +27,7 @@ import time
 
 import numpy as np
 import torch
+from common import machine, record, table
 
 from steelseg.config import TrainConfig
 from steelseg.runs import read_history
@@ -39,13 +45,13 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def step_flops(model, loss_fn, batch, device, amp) -> int:
+def step_flops(model, loss_fn, batch, device, amp, channels_last) -> int:
     """FLOPs of one forward + backward on ``batch``, counted, not estimated."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from steelseg.model.inputs import autocast, forward_padded, to_inputs
 
-    x, y = to_inputs(batch, device, channels_last=amp and device.type == "cuda")
+    x, y = to_inputs(batch, device, channels_last=channels_last)
     with FlopCounterMode(display=False) as counter:
         with autocast(device, amp):
             logits = forward_padded(model, x)
@@ -69,38 +75,86 @@ def matmul_rate(device, dtype, size: int, repeats: int = 10) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
-def bare_step(height, width, batch, steps, amp, device, threads=None):
+# what ``bare`` compares, by name: layout, precision, torch.compile mode and fused AdamW
+VARIANTS = {
+    "fp32": dict(amp=False, channels_last=False),
+    "fp32+channels_last": dict(amp=False, channels_last=True),
+    "bf16+channels_last": dict(amp=True, channels_last=True),
+    "bf16": dict(amp=True, channels_last=False),
+    "bf16+channels_last+fused": dict(amp=True, channels_last=True, fused=True),
+    "bf16+channels_last+compile": dict(amp=True, channels_last=True, compile="default"),
+    "bf16+channels_last+compile-max-autotune": dict(
+        amp=True, channels_last=True, compile="max-autotune-no-cudagraphs"
+    ),
+    "bf16+channels_last+compile-cudagraphs": dict(
+        amp=True, channels_last=True, compile="reduce-overhead", fused=True
+    ),
+    "fp32+compile": dict(amp=False, channels_last=False, compile="default"),
+}
+GPU_VARIANTS = [
+    "bf16+channels_last",
+    "bf16",
+    "bf16+channels_last+fused",
+    "bf16+channels_last+compile",
+    "bf16+channels_last+compile-max-autotune",
+    "bf16+channels_last+compile-cudagraphs",
+    "fp32",
+]
+CPU_VARIANTS = ["fp32", "fp32+channels_last"]
+
+
+def bare_step(
+    height,
+    width,
+    batch,
+    steps,
+    device,
+    *,
+    amp=False,
+    channels_last=False,
+    compile=None,
+    fused=False,
+    threads=None,
+):
+    """One variant of the training step on in-memory batches: images/s, peak memory, FLOPs."""
     if threads:
         torch.set_num_threads(threads)
     config = TrainConfig()
-    model = recipe.build_model(config).to(device)
-    if amp and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = recipe.build_optimizer(config, model)
+    torch.manual_seed(0)
+    bare = recipe.build_model(config).to(device)
+    if channels_last:
+        bare = bare.to(memory_format=torch.channels_last)
+    optimizer = recipe.build_optimizer(config, bare, fused=fused)
     scheduler = recipe.build_scheduler(config, optimizer, 10 * steps)
     loss_fn = recipe.build_loss(config).to(device)
+    model = torch.compile(bare, mode=compile) if compile else bare
+    gpu = device.type == "cuda"
+    kwargs = dict(amp=amp, channels_last=channels_last)
     warm = synthetic_batches(3, batch, height, width)
-    epoch.train_one_epoch(model, warm, loss_fn, optimizer, scheduler, device, amp=amp)
-    if device.type == "cuda":
+    started = time.perf_counter()
+    epoch.train_one_epoch(model, warm, loss_fn, optimizer, scheduler, device, **kwargs)
+    if compile:  # the first steps compile (and, with CUDA graphs, record): not timed
+        epoch.train_one_epoch(model, warm, loss_fn, optimizer, scheduler, device, **kwargs)
+    warm_up_s = time.perf_counter() - started
+    if gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     batches = synthetic_batches(steps, batch, height, width)
     start = time.perf_counter()
-    epoch.train_one_epoch(model, batches, loss_fn, optimizer, scheduler, device, amp=amp)
-    if device.type == "cuda":
+    epoch.train_one_epoch(model, batches, loss_fn, optimizer, scheduler, device, **kwargs)
+    if gpu:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else peak_rss_gib()
-    flops = step_flops(model, loss_fn, warm[0], device, amp)
-    gpu = device.type == "cuda"
-    peak_rate = matmul_rate(
-        device, torch.bfloat16 if amp and gpu else torch.float32, 8192 if gpu else 1024
-    )
+    peak = torch.cuda.max_memory_allocated() / 2**30 if gpu else peak_rss_gib()
+    flops = step_flops(bare, loss_fn, warm[0], device, amp, channels_last)
+    precision = torch.bfloat16 if amp and gpu else torch.float32
+    peak_rate = matmul_rate(device, precision, 8192 if gpu else 1024)
     achieved = flops * steps / seconds
     return {
         "images_per_s": steps * batch / seconds,
         "peak_gib": peak,
         "s_per_step": seconds / steps,
+        "warm_up_s": warm_up_s,
         "gflop_per_image": flops / batch / 1e9,
         "achieved_tflops": achieved / 1e12,
         "matmul_tflops": peak_rate / 1e12,
@@ -110,70 +164,142 @@ def bare_step(height, width, batch, steps, amp, device, threads=None):
 
 def cmd_bare(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU x{os.cpu_count()}"
+    gpu = device.type == "cuda"
+    variants = args.variants.split(",") if args.variants else GPU_VARIANTS if gpu else CPU_VARIANTS
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else [0]
+    batches = [int(b) for b in str(args.batch).split(",")]
     print(
-        f"bare training step on {name}, torch {torch.__version__}, "
-        f"{args.height}x{args.width}, batch {args.batch}, {args.steps} steps"
+        f"bare training step on {machine()}, torch {torch.__version__}, "
+        f"{args.height}x{args.width}, {args.steps} steps a variant"
     )
     rows = []
-    for amp in [True, False] if device.type == "cuda" else [False]:
-        r = bare_step(args.height, args.width, args.batch, args.steps, amp, device, args.threads)
-        label = "bf16 autocast + channels_last" if amp else "fp32"
-        rows.append({"precision": label, **r})
-        print(
-            f"  {label:30s} {r['images_per_s']:8.1f} images/s  {r['s_per_step'] * 1e3:7.1f} "
-            f"ms/step  peak {'GPU' if device.type == 'cuda' else 'RSS'} {r['peak_gib']:.2f} GiB  "
-            f"{r['gflop_per_image']:.1f} GFLOP/image  {r['achieved_tflops']:.3f} TFLOP/s of "
-            f"{r['matmul_tflops']:.3f} (matmul)  MFU {100 * r['mfu']:.1f}%"
-        )
+    for batch in batches:
+        for thread_count in threads:
+            for name in variants:
+                try:
+                    r = bare_step(
+                        args.height, args.width, batch, args.steps, device,
+                        threads=thread_count or None, **VARIANTS[name],
+                    )  # fmt: skip
+                except Exception as error:  # a compile mode that fails here is a figure too
+                    print(f"  {name}: failed: {type(error).__name__}: {str(error)[:200]}")
+                    rows.append({"variant": name, "batch": batch, "failed": str(error)[:500]})
+                    continue
+                row = {
+                    "variant": name,
+                    "size": f"{args.height}x{args.width}",
+                    "batch": batch,
+                    "threads": torch.get_num_threads(),
+                    **r,
+                }
+                rows.append(row)
+                print(
+                    f"  {name:40s} batch {batch:3d} threads {row['threads']:2d} "
+                    f"{r['images_per_s']:8.2f} images/s  {r['s_per_step'] * 1e3:8.1f} ms/step  "
+                    f"peak {'GPU' if gpu else 'RSS'} {r['peak_gib']:.2f} GiB  "
+                    f"{r['gflop_per_image']:.1f} GFLOP/image  {r['achieved_tflops']:.3f} "
+                    f"TFLOP/s of {r['matmul_tflops']:.3f} (matmul)  MFU {100 * r['mfu']:.1f}%",
+                    flush=True,
+                )
     if args.json:
-        record = {
-            "date": time.strftime("%Y-%m-%d"),
-            "machine": name,
-            "torch": torch.__version__,
-            "command": "python " + " ".join(sys.argv),
-            "rows": rows,
-        }
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
+        record(rows, args.json)
+
+
+def ray_run(args, workers: int, tmp: str, data) -> dict:
+    """A Ray Train run (``fit``) of ``workers`` x 1 CPU; its epochs after the first, averaged."""
+    import ray
+
+    from steelseg.training.fit import fit
+
+    config = TrainConfig(
+        data=str(data),
+        storage=f"{tmp}/runs",
+        name=f"bench-{workers}",
+        epochs=args.epochs,
+        num_workers=workers,
+        batch_size=args.batch,
+        cpus_per_worker=1.0,
+        log_images=0,
+        placement_strategy="SPREAD" if args.two_nodes else "PACK",
+    )
+    result = fit(config)
+    if result.error:
+        raise SystemExit(f"the Ray Train run failed: {result.error}")
+    history = read_history(result.run_dir).iloc[1:]  # the first epoch starts the processes
+    ray.shutdown()
+    batches = -(-int(history["train_images"].iloc[0]) // (workers * args.batch))
+    return {
+        "workers": workers,
+        "nodes": int(history["nodes"].iloc[-1]),
+        "images_per_s_per_worker": float(history["images_per_s"].mean()) / workers,
+        "data_wait_ms_per_step": 1e3 * float(history["time_data_wait_s"].mean()) / batches,
+        "step_ms": 1e3 * float(history["time_step_s"].mean()) / batches,
+        "validate_s": float(history["time_validate_s"].mean()),
+        "peak_worker_rss_gib": float(history["peak_worker_rss_gib"].max()),
+    }
 
 
 def cmd_ray(args):
+    from steelseg.data import synth
+
+    cluster = start_two_nodes() if args.two_nodes else None
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = synth.write_dataset(
+                f"{tmp}/data", args.images, height=args.height, width=args.width, seed=0
+            )
+            for workers in [int(w) for w in args.workers.split(",")]:
+                rows.append(ray_run(args, workers, tmp, data))
+    finally:
+        if cluster:
+            cluster.shutdown()
+    cpu = torch.device("cpu")
+    bare = bare_step(args.height, args.width, args.batch, args.steps, cpu, threads=1)
+    bare_ms = 1e3 * bare["s_per_step"]
+    for row in rows:
+        row["bare_images_per_s"] = bare["images_per_s"]
+        row["bare_step_ms"] = bare_ms
+        row["overhead"] = 1 - row["images_per_s_per_worker"] / bare["images_per_s"]
+    print(
+        f"Ray Train on {'two nodes' if cluster else 'this machine'}, workers x 1 CPU, "
+        f"{args.height}x{args.width}, batch {args.batch} a worker, epochs 2..{args.epochs} "
+        "(training pass; validation apart), against the bare step on 1 thread:"
+    )
+    print(table(rows, list(rows[0])))
+    if args.json:
+        record(rows, args.json, two_nodes=bool(cluster), images=args.images)
+
+
+def start_two_nodes():
+    """The test suite's two-node cluster (``tests/raynodes.py``) on this machine: a head with 1
+    CPU and a second node with 2, so that the two workers land on different nodes. Ended by its
+    process tree if it fails to come up."""
+    from pathlib import Path
+
+    os.environ["RAY_AUTH_MODE"] = "token"  # read when Ray is imported
     import ray
 
-    from steelseg.data import synth
-    from steelseg.training.fit import fit
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from raynodes import LocalCluster
 
-    with tempfile.TemporaryDirectory() as tmp:
-        data = synth.write_dataset(
-            f"{tmp}/data", args.images, height=args.height, width=args.width, seed=0
-        )
-        config = TrainConfig(
-            data=str(data),
-            storage=f"{tmp}/runs",
-            name="bench",
-            epochs=args.epochs,
-            num_workers=args.workers,
-            batch_size=args.batch,
-            cpus_per_worker=1.0,
-            log_images=0,
-        )
-        result = fit(config)
-        per_epoch = read_history(result.run_dir)
-        ray_rate = float(per_epoch["images_per_s"].iloc[1:].mean()) / args.workers
-        peak = float(per_epoch["peak_worker_rss_gib"].max())
-        ray.shutdown()
-    bare = bare_step(
-        args.height, args.width, args.batch, args.steps, False, torch.device("cpu"), threads=1
-    )
-    print(
-        f"Ray Train, {args.workers} workers x 1 CPU, {args.height}x{args.width}, batch "
-        f"{args.batch}/worker: {ray_rate:.2f} images/s per worker (epochs 2..{args.epochs}, "
-        "train + data pipeline, validation excluded)"
-    )
-    print(f"bare step, 1 thread, same size and batch: {bare['images_per_s']:.2f} images/s")
-    print(f"overhead: {100 * (1 - ray_rate / bare['images_per_s']):.1f}%")
-    print(f"peak RSS per Ray Train worker: {peak:.2f} GiB")
+    folder = Path(tempfile.mkdtemp(prefix="steelseg-bench-nodes-"))
+    cluster = LocalCluster(folder, cpus_per_node=1)
+    try:
+        cluster.start_head()
+        cluster.wait_for_head()
+        cluster.cpus = 2
+        cluster.add_node()
+        os.environ["RAY_ADDRESS"] = cluster.address
+        ray.init(address=cluster.address, logging_level="ERROR")
+        cluster.wait_for_nodes(2)
+    except BaseException:
+        cluster.shutdown()
+        raise
+    return cluster
 
 
 def main():
@@ -183,13 +309,17 @@ def main():
         p = sub.add_parser(name)
         p.add_argument("--height", type=int, default=32)
         p.add_argument("--width", type=int, default=160)
-        p.add_argument("--batch", type=int, default=8)
         p.add_argument("--steps", type=int, default=20)
-        p.add_argument("--threads", type=int, default=None)
-        p.add_argument("--json", default="")
-    sub.choices["ray"].add_argument("--workers", type=int, default=2)
-    sub.choices["ray"].add_argument("--images", type=int, default=200)
-    sub.choices["ray"].add_argument("--epochs", type=int, default=3)
+        p.add_argument("--json", default="", help="a results file name (benchmarks/results/)")
+    bare, ray = sub.choices["bare"], sub.choices["ray"]
+    bare.add_argument("--batch", default="8", help="comma-separated batch sizes")
+    bare.add_argument("--threads", default="", help="comma-separated CPU thread counts")
+    bare.add_argument("--variants", default="", help=f"comma-separated: {', '.join(VARIANTS)}")
+    ray.add_argument("--batch", type=int, default=8)
+    ray.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    ray.add_argument("--images", type=int, default=200)
+    ray.add_argument("--epochs", type=int, default=3)
+    ray.add_argument("--two-nodes", action="store_true", help="on a two-node cluster started here")
     args = parser.parse_args()
     cmd_bare(args) if args.mode == "bare" else cmd_ray(args)
 

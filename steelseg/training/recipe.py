@@ -25,15 +25,18 @@ def build_loss(config: TrainConfig) -> DiceBCELoss:
     return DiceBCELoss(config.bce_weight, config.dice_weight, pos_weight=config.pos_weight)
 
 
-def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights."""
+def build_optimizer(
+    config: TrainConfig, model: nn.Module, *, fused: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights. ``fused``: one kernel for all
+    parameters (CUDA), measured in benchmarks/bench_train.py."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr)
+    return torch.optim.AdamW(groups, lr=config.lr, fused=fused or None)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, floor: float = 0.01) -> float:
