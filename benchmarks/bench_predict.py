@@ -2,6 +2,8 @@
 
     python benchmarks/bench_predict.py bare --device cuda --batch 16      # the model step alone
     python benchmarks/bench_predict.py ray --images DIR --checkpoint RUN  # Ray Data actors, CPU
+    python benchmarks/bench_predict.py ray --synthetic 24 --actors 2      # a synthetic folder,
+                                                                           # an untrained model
 
 ``bare`` times what a prediction actor does per batch (normalise, forward at full size, sigmoid,
 TTA, post-process and RLE-encode the 4 masks of each image) on in-memory images, so it needs
@@ -12,10 +14,12 @@ predicts almost nothing, so the RLE strings are short, as on mostly clean steel.
 
 import argparse
 import json
+import tempfile
 import time
 
 import numpy as np
 import torch
+from common import record
 
 from steelseg.config import TrainConfig
 from steelseg.data import rle
@@ -80,6 +84,24 @@ def with_ray(checkpoint: str, images: str, batch: int, actors: int, tta: bool):
             "seconds": round(seconds, 1), "images_per_s": round(n / seconds, 2)}  # fmt: skip
 
 
+def synthetic_checkpoint(folder: str, images: int, height: int, width: int) -> tuple[str, str]:
+    """A synthetic image folder and a checkpoint of an untrained model: what ``ray`` needs on a
+    fresh clone (the time does not depend on the weights)."""
+    from steelseg import runs
+    from steelseg.data import synth
+
+    data = synth.write_dataset(f"{folder}/data", images, height=height, width=width, seed=1)
+    config = TrainConfig(pretrained="")
+    torch.manual_seed(0)
+    model = recipe.build_model(config)
+    checkpoint = f"{folder}/checkpoint"
+    runs.write_state(
+        checkpoint,
+        {"model": model.state_dict(), "config": config.to_dict(), "epoch": 0, "metrics": {}},
+    )
+    return checkpoint, str(data / "train_images")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["bare", "ray"])
@@ -92,16 +114,27 @@ def main():
     parser.add_argument("--checkpoint")
     parser.add_argument("--images")
     parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument("--synthetic", type=int, default=0, help="ray: N synthetic images")
+    parser.add_argument("--json", default="", help="a results file name (benchmarks/results/)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    for tta in (False, True):
-        if args.mode == "bare":
-            device = torch.device(args.device)
-            result = bare(device, args.batch, args.batches, tta, args.height, args.width)
-        else:
-            result = with_ray(args.checkpoint, args.images, args.batch, args.actors, tta)
-        print(json.dumps(result), flush=True)
+    with tempfile.TemporaryDirectory(prefix="steelseg-bench-predict-") as folder:
+        if args.mode == "ray" and args.synthetic:
+            args.checkpoint, args.images = synthetic_checkpoint(
+                folder, args.synthetic, args.height, args.width
+            )
+        rows = []
+        for tta in (False, True):
+            if args.mode == "bare":
+                device = torch.device(args.device)
+                result = bare(device, args.batch, args.batches, tta, args.height, args.width)
+            else:
+                result = with_ray(args.checkpoint, args.images, args.batch, args.actors, tta)
+            print(json.dumps(result), flush=True)
+            rows.append(result)
+    if args.json:
+        record(rows, args.json)
 
 
 if __name__ == "__main__":
