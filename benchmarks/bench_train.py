@@ -21,6 +21,7 @@ all-reduce). Each writes JSON (``--json``) with date, machine, versions and comm
 import argparse
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -257,6 +258,7 @@ def cmd_ray(args):
     finally:
         if cluster:
             cluster.shutdown()
+            shutil.rmtree(cluster.folder, ignore_errors=True)
     cpu = torch.device("cpu")
     bare = bare_step(args.height, args.width, args.batch, args.steps, cpu, threads=1)
     bare_ms = 1e3 * bare["s_per_step"]
@@ -298,6 +300,7 @@ def start_two_nodes():
         cluster.wait_for_nodes(2)
     except BaseException:
         cluster.shutdown()
+        shutil.rmtree(folder, ignore_errors=True)
         raise
     return cluster
 
