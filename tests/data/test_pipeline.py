@@ -1,4 +1,5 @@
-"""The data pipeline's pieces without Ray: crop checks, augmentation seeding, the demo data."""
+"""The data pipeline's pieces without Ray: crop checks, augmentation seeding, block sizes, the demo
+data."""
 
 import numpy as np
 import pandas as pd
@@ -51,3 +52,15 @@ def test_demo_data_is_cached_per_modality_set(tmp_path, monkeypatch):
     assert not (plain / "train_images_ir").exists()
     assert len(list((fused / "train_images_ir").glob("*.jpg"))) == 6
     assert demo_data(TrainConfig(synth_images=6)) == plain  # made once
+
+
+def test_blocks_hold_about_16m_pixels_and_8_to_256_images():
+    def sized(n, height, width):
+        return pd.DataFrame({"height": [height] * n, "width": [width] * n})
+
+    assert pipeline.rows_per_block(sized(1000, 256, 1600)) == 40  # 2**24 // 409,600
+    assert pipeline.n_blocks(sized(1000, 256, 1600)) == 25
+    assert pipeline.rows_per_block(sized(1000, 32, 160)) == 256
+    assert pipeline.n_blocks(sized(1000, 32, 160)) == 4
+    assert pipeline.rows_per_block(sized(10, 4096, 4096)) == 8
+    assert pipeline.n_blocks(sized(3, 256, 1600)) == 1
