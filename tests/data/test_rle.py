@@ -75,6 +75,20 @@ def test_round_trip_random_masks(mask):
     assert rle.encode(rle.decode(encoded, *mask.shape)) == encoded
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    st.integers(1, 30).flatmap(
+        lambda h: st.integers(1, 30).flatmap(
+            lambda w: arrays(np.uint8, (h, w), elements=st.integers(0, 15))
+        )
+    )
+)
+def test_decode_bits_of_each_class_string_gives_back_the_bits(bits):
+    """Any overlap of the four classes: each pixel's value is its classes' bits."""
+    strings = [rle.encode((bits >> c) & 1) for c in range(4)]
+    np.testing.assert_array_equal(rle.decode_bits(strings, *bits.shape), bits)
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.integers(1, 30), st.integers(1, 30), st.booleans())
 def test_round_trip_empty_and_full(h, w, full):
