@@ -27,7 +27,7 @@ import torch
 from common import record, table
 
 from steelseg.config import TrainConfig
-from steelseg.data import catalog, pipeline, rle, synth
+from steelseg.data import augment, catalog, pipeline, rle, synth
 from steelseg.data.images import path_columns, read_stack
 from steelseg.domain import RLE_COLUMNS
 
@@ -53,7 +53,7 @@ class CatalogBatches(torch.utils.data.Dataset):
         config = self.config
         rows = {c: values[indices] for c, values in self.columns.items()}
         batch = pipeline.read_batch(rows, config.modalities)
-        out = pipeline.augment_batch(batch, config.crop_height, config.crop_width, config.seed)
+        out = augment.augment_batch(batch, config.crop_height, config.crop_width, config.seed)
         return {k: torch.from_numpy(v) for k, v in out.items()}
 
 
@@ -109,7 +109,7 @@ def with_ray(rows, config, processes: int, epochs: int, allocator: bool = True) 
 def parts(rows, config, limit: int = 64) -> dict[str, float]:
     """Milliseconds per image of each part of the work, in this process."""
     rows = rows.iloc[:limit]
-    pipeline.augmentation(config.crop_height, config.crop_width)  # its import, once
+    augment.augmentation(config.crop_height, config.crop_width)  # its import, once
     columns = path_columns(config.modalities)
     timings = {}
 
@@ -126,7 +126,7 @@ def parts(rows, config, limit: int = 64) -> dict[str, float]:
     batch = config.batch_size
     start = time.perf_counter()
     for i in range(0, len(images), batch):
-        out = pipeline.augment_batch(
+        out = augment.augment_batch(
             {
                 "image": np.stack(images[i : i + batch]),
                 "mask": np.stack(masks[i : i + batch]),

@@ -10,6 +10,7 @@ and ``scaling`` (ScalingConfig).
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import posixpath
@@ -79,11 +80,30 @@ class TrainConfig:
     )
     crop_height: int = setting(0, "training crop height, multiple of 32; 0: whole image", "data")
     crop_width: int = setting(0, "training crop width, multiple of 32; 0: whole image", "data")
+    defect_crops: float = setting(
+        0.0,
+        "share of training crops placed on defect pixels when the image has any (0: uniform)",
+        "data",
+    )
     val_fraction: float = setting(0.2, "share of images in the validation split", "data")
     synth_images: int = setting(320, "images in the demo set (when data is empty)", "data")
     synth_height: int = setting(32, "demo image height", "data")
     synth_width: int = setting(160, "demo image width", "data")
 
+    arch: str = setting(
+        "paper",
+        "the network: paper (the paper's ResNet18 U-Net) or DECODER-ENCODER from "
+        "segmentation_models.pytorch, e.g. unet-resnet34, fpn-resnet34 (pip install "
+        "segmentation-models-pytorch)",
+        "recipe",
+    )
+    presence_head: bool = setting(
+        False,
+        "an image-level head: per-class presence logits from the deepest features, trained "
+        "jointly; at prediction a pixel's probability is multiplied by its class's presence",
+        "recipe",
+    )
+    presence_weight: float = setting(0.5, "weight of the presence head's BCE in the loss", "recipe")
     epochs: int = setting(8, "passes over the training split", "recipe")
     batch_size: int = setting(4, "images per batch on each worker", "recipe")
     grad_accum: int = setting(1, "optimizer step every this many batches", "recipe")
@@ -161,6 +181,13 @@ class TrainConfig:
                 _bad(name, f"must be a multiple of {ENCODER_STRIDE}", getattr(self, name))
         if bool(self.crop_height) != bool(self.crop_width):
             raise SteelsegError("config crop_height and crop_width must both be set or both be 0")
+        if not 0 <= self.defect_crops <= 1:
+            _bad("defect_crops", "must be in [0, 1]", self.defect_crops)
+        if self.presence_weight < 0:
+            _bad("presence_weight", "must be >= 0", self.presence_weight)
+        check_arch(self.arch)
+        if self.arch != "paper" and self.pretrained not in ("", "imagenet"):
+            _bad("pretrained", f"must be '' or imagenet with arch {self.arch}", self.pretrained)
         for name in ("head_prior", "val_fraction", "threshold"):
             if not 0 < getattr(self, name) < 1:
                 _bad(name, "must be in (0, 1)", getattr(self, name))
@@ -239,6 +266,34 @@ def _worker_range(values: dict[str, Any], source: str) -> dict[str, Any]:
     if not 1 <= low <= high:
         raise SteelsegError(f"{source}: config num_workers {workers}: need 1 <= MIN <= MAX")
     return {**values, "min_workers": low, "num_workers": high}
+
+
+SMP_DECODERS = {
+    "unet": "Unet",
+    "unetplusplus": "UnetPlusPlus",
+    "fpn": "FPN",
+    "linknet": "Linknet",
+    "pspnet": "PSPNet",
+    "deeplabv3plus": "DeepLabV3Plus",
+}
+
+
+def check_arch(arch: str) -> None:
+    """``paper``, or ``DECODER-ENCODER`` with a segmentation_models.pytorch decoder; the
+    encoder's name is checked when the model is built (smp knows its encoders)."""
+    if arch == "paper":
+        return
+    decoder, _, encoder = arch.partition("-")
+    if decoder not in SMP_DECODERS or not encoder:
+        _bad(
+            "arch",
+            f"must be paper or DECODER-ENCODER with DECODER one of {', '.join(SMP_DECODERS)} "
+            "(e.g. unet-resnet34)",
+            arch,
+        )
+    if importlib.util.find_spec("segmentation_models_pytorch") is None:
+        rule = "needs segmentation_models.pytorch (pip install segmentation-models-pytorch)"
+        _bad("arch", rule, arch)
 
 
 def _bad(name: str, rule: str, value: Any) -> typing.NoReturn:

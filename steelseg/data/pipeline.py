@@ -12,9 +12,6 @@ tasks decode: Ray's shuffle of n blocks makes n x n objects, which cost 0.1 s a 
 before any image was read (benchmarks/bench_pipeline.py).
 """
 
-import zlib
-from functools import lru_cache
-
 import numpy as np
 import pandas as pd
 import ray
@@ -22,6 +19,7 @@ import ray.data
 
 from steelseg.config import TrainConfig
 from steelseg.data import rle
+from steelseg.data.augment import augment_batch
 from steelseg.data.images import path_columns, read_stack
 from steelseg.domain import RLE_COLUMNS
 from steelseg.errors import SteelsegError
@@ -42,40 +40,6 @@ def read_batch(batch: dict[str, np.ndarray], modalities: list[str]) -> dict[str,
         images.append(image)
         masks.append(rle.decode_bits(strings, height, width, image_id=image_id))
     return {"image": np.stack(images), "mask": np.stack(masks), "image_id": batch["image_id"]}
-
-
-@lru_cache(maxsize=4)
-def augmentation(crop_height: int, crop_width: int):
-    """albumentations' ``Compose``; imported here, where it runs: it imports torch, which the
-    Ray Data processes that only plan or read the pipeline need not pay for."""
-    import albumentations as A
-
-    steps = [A.RandomCrop(crop_height, crop_width)] if crop_height else []
-    steps += [
-        A.HorizontalFlip(p=0.5),
-        A.VerticalFlip(p=0.5),
-        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
-    ]
-    return A.Compose(steps)
-
-
-def batch_seed(seed: int, image_ids: np.ndarray) -> int:
-    """Depends on the batch's images, which the per-epoch shuffle changes: new augmentations
-    every epoch, the same ones in every run with the same seed."""
-    return zlib.crc32(("|".join(map(str, image_ids)) + f"|{seed}").encode())
-
-
-def augment_batch(
-    batch: dict[str, np.ndarray], crop_height: int, crop_width: int, seed: int
-) -> dict[str, np.ndarray]:
-    """Random crop, flips and brightness/contrast, the same geometry on image and mask."""
-    compose = augmentation(crop_height, crop_width)
-    compose.set_random_seed(batch_seed(seed, batch["image_id"]))
-    out = [compose(image=img, mask=msk) for img, msk in zip(batch["image"], batch["mask"])]
-    return {
-        "image": np.stack([o["image"] for o in out]),
-        "mask": np.stack([o["mask"] for o in out]),
-    }
 
 
 def rows_per_block(table: pd.DataFrame) -> int:
@@ -121,6 +85,7 @@ def train_dataset(table: pd.DataFrame, config: TrainConfig) -> ray.data.Dataset:
                 "crop_height": config.crop_height,
                 "crop_width": config.crop_width,
                 "seed": config.seed,
+                "defect_crops": config.defect_crops,
             },
             batch_size=8,
         )

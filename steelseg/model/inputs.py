@@ -47,15 +47,19 @@ def to_inputs(
     return image, unpack_masks(batch["mask"].to(device, non_blocking=True))
 
 
-def forward_padded(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def forward_padded(model: nn.Module, x: torch.Tensor):
     """Logits for images of any size: the U-Net needs sides divisible by its stride, so the input
     is padded at the bottom and right (edge pixels repeated) and the logits cropped back, so
-    that losses and scores see only the image's own pixels."""
+    that losses and scores see only the image's own pixels. A model with a presence head gives
+    (pixel logits, presence logits) in training; only the pixel logits are cropped."""
     height, width = x.shape[-2:]
     pad_h, pad_w = -height % ENCODER_STRIDE, -width % ENCODER_STRIDE
     if not (pad_h or pad_w):
         return model(x)
-    return model(F.pad(x, (0, pad_w, 0, pad_h), mode="replicate"))[..., :height, :width]
+    out = model(F.pad(x, (0, pad_w, 0, pad_h), mode="replicate"))
+    if isinstance(out, tuple):
+        return out[0][..., :height, :width], *out[1:]
+    return out[..., :height, :width]
 
 
 def autocast(device: torch.device, enabled: bool):

@@ -43,6 +43,16 @@ def soft_dice_loss(
     return 1.0 - ((2.0 * intersection + smooth) / (total + smooth)).mean()
 
 
+def presence_loss(presence_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean BCE of per-class presence logits against whether each (image, class) has a pixel.
+
+    Shape:
+        presence_logits: (N, C); targets: (N, C, H, W).
+    """
+    present = targets.flatten(2).amax(-1).float()
+    return F.binary_cross_entropy_with_logits(presence_logits.float(), present)
+
+
 class DiceBCELoss(nn.Module):
     """``bce_weight * BCE + dice_weight * (1 - soft Dice)`` on logits.
 
@@ -50,6 +60,7 @@ class DiceBCELoss(nn.Module):
         bce_weight, dice_weight: the terms' weights (what Ray Tune searches).
         smooth: Dice smoothing, which also sets how much an empty pair rewards an empty prediction.
         pos_weight: optional weight of positive pixels per class for the BCE term.
+        presence_weight: weight of the presence head's BCE, when the logits come with one.
     """
 
     def __init__(
@@ -58,6 +69,7 @@ class DiceBCELoss(nn.Module):
         dice_weight: float = 1.0,
         smooth: float = 1.0,
         pos_weight: list[float] | None = None,
+        presence_weight: float = 0.0,
     ):
         super().__init__()
         if bce_weight < 0 or dice_weight < 0 or bce_weight + dice_weight == 0:
@@ -68,13 +80,24 @@ class DiceBCELoss(nn.Module):
         self.bce_weight = bce_weight
         self.dice_weight = dice_weight
         self.smooth = smooth
+        self.presence_weight = presence_weight
         self.register_buffer(
             "pos_weight",
             None if pos_weight is None else torch.tensor(pos_weight, dtype=torch.float32),
         )
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, logits: torch.Tensor | tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor
+    ) -> torch.Tensor:
+        """``logits``: pixel logits, or (pixel logits, presence logits (N, C)) from a model with
+        a presence head in training, whose BCE against "the class has a pixel" is added with
+        ``presence_weight``."""
+        presence = None
+        if isinstance(logits, tuple):
+            logits, presence = logits
         loss = logits.new_zeros((), dtype=torch.float32)
+        if presence is not None and self.presence_weight:
+            loss = loss + self.presence_weight * presence_loss(presence, targets)
         if self.bce_weight:
             loss = loss + self.bce_weight * bce_loss(logits, targets, self.pos_weight)
         if self.dice_weight:

@@ -116,6 +116,11 @@ class UNet(nn.Module):
         return [layer0, layer1, layer2, layer3, layer4]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_features(x)[0]
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits and the deepest encoder features (stride 32), which an image-level head
+        (``steelseg.model.presence``) reads."""
         height, width = x.shape[-2:]
         if height % ENCODER_STRIDE or width % ENCODER_STRIDE:
             raise ValueError(
@@ -135,7 +140,7 @@ class UNet(nn.Module):
         x = self.conv_up0(torch.cat([x, self.layer0_1x1(layer0)], dim=1))
         x = self.upsample(x)
         x = self.conv_original_size2(torch.cat([x, x_original], dim=1))
-        return self.conv_last(x)
+        return self.conv_last(x), layer4
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,5 +1,5 @@
-"""The recipe's parts, built from a run's config: the model (with its initialisation and encoder
-weights), the loss, AdamW and the warm-up + cosine learning-rate schedule."""
+"""The recipe's parts, built from a run's config: the model (its network, initialisation, encoder
+weights and presence head), the loss, AdamW and the warm-up + cosine learning-rate schedule."""
 
 import math
 
@@ -10,19 +10,38 @@ from steelseg.config import TrainConfig
 from steelseg.data.images import in_channels
 from steelseg.domain import N_CLASSES
 from steelseg.model.losses import DiceBCELoss
+from steelseg.model.presence import PresenceGate
 from steelseg.model.pretrained import load_encoder
+from steelseg.model.smp_net import SmpNet
 from steelseg.model.unet import UNet, init_weights
 
 
-def build_model(config: TrainConfig) -> UNet:
-    model = UNet(N_CLASSES, in_channels(config.modalities))
-    init_weights(model, config.head_prior)
-    load_encoder(model, config.pretrained)
-    return model
+def build_model(config: TrainConfig) -> nn.Module:
+    """The config's network (the paper's U-Net unless ``arch`` names an smp one), initialised,
+    with its encoder weights, behind a presence head if the config asks for one."""
+    channels = in_channels(config.modalities)
+    if config.arch == "paper":
+        net = init_weights(UNet(N_CLASSES, channels), config.head_prior)
+        load_encoder(net, config.pretrained)
+        deepest = net.encoder.layer4[-1].conv2.out_channels
+    else:
+        weights = "imagenet" if config.pretrained == "imagenet" else None
+        net = SmpNet(config.arch, N_CLASSES, channels, encoder_weights=weights)
+        net.set_prior(config.head_prior)
+        deepest = net.deepest_channels
+    if config.presence_head:
+        return PresenceGate(net, deepest, N_CLASSES)
+    return net
 
 
 def build_loss(config: TrainConfig) -> DiceBCELoss:
-    return DiceBCELoss(config.bce_weight, config.dice_weight, pos_weight=config.pos_weight)
+    presence = config.presence_weight if config.presence_head else 0.0
+    return DiceBCELoss(
+        config.bce_weight,
+        config.dice_weight,
+        pos_weight=config.pos_weight,
+        presence_weight=presence,
+    )
 
 
 def build_optimizer(

@@ -1,7 +1,5 @@
-"""The data pipeline's pieces without Ray: crop checks, augmentation seeding, block sizes, the demo
-data."""
+"""The data pipeline's pieces without Ray: crop checks, block sizes, the demo data."""
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -18,28 +16,6 @@ def test_crop_larger_than_the_images_is_refused_and_any_image_size_is_allowed():
         pipeline.check_crop(TrainConfig(crop_height=64, crop_width=160), table)
     with pytest.raises(SteelsegError, match="both be set or both be 0"):
         TrainConfig(crop_height=32)
-
-
-def augment(seed, ids):
-    rng = np.random.default_rng(0)
-    batch = {
-        "image": rng.integers(0, 255, (4, 64, 96, 3), dtype=np.uint8),
-        "mask": rng.integers(0, 16, (4, 64, 96), dtype=np.uint8),
-        "image_id": np.array(ids),
-    }
-    return pipeline.augment_batch(batch, 32, 64, seed)
-
-
-def test_augmentation_repeats_for_the_same_batch_and_seed_and_changes_otherwise():
-    ids = ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
-    first, again = augment(0, ids), augment(0, ids)
-    assert first["image"].shape == (4, 32, 64, 3) and first["mask"].shape == (4, 32, 64)
-    np.testing.assert_array_equal(first["image"], again["image"])
-    np.testing.assert_array_equal(first["mask"], again["mask"])
-    other_seed = augment(1, ids)
-    other_epoch = augment(0, ids[::-1])  # the per-epoch shuffle makes other batches
-    assert not np.array_equal(first["image"], other_seed["image"])
-    assert not np.array_equal(first["image"], other_epoch["image"])
 
 
 def test_demo_data_is_cached_per_modality_set(tmp_path, monkeypatch):

@@ -1,0 +1,47 @@
+"""Training augmentation: seeding, and crops placed on defects."""
+
+import numpy as np
+import pytest
+
+from steelseg.data import augment
+
+
+def augmented(seed, ids):
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.integers(0, 255, (4, 64, 96, 3), dtype=np.uint8),
+        "mask": rng.integers(0, 16, (4, 64, 96), dtype=np.uint8),
+        "image_id": np.array(ids),
+    }
+    return augment.augment_batch(batch, 32, 64, seed)
+
+
+def test_augmentation_repeats_for_the_same_batch_and_seed_and_changes_otherwise():
+    ids = ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
+    first, again = augmented(0, ids), augmented(0, ids)
+    assert first["image"].shape == (4, 32, 64, 3) and first["mask"].shape == (4, 32, 64)
+    np.testing.assert_array_equal(first["image"], again["image"])
+    np.testing.assert_array_equal(first["mask"], again["mask"])
+    other_seed = augmented(1, ids)
+    other_epoch = augmented(0, ids[::-1])  # the per-epoch shuffle makes other batches
+    assert not np.array_equal(first["image"], other_seed["image"])
+    assert not np.array_equal(first["image"], other_epoch["image"])
+
+
+def one_small_defect(n: int) -> dict[str, np.ndarray]:
+    """Wide images with one 8x8 defect of class 3 near the right end, and one clean image."""
+    mask = np.zeros((n, 32, 320), np.uint8)
+    mask[:-1, 12:20, 290:298] = 1 << 2
+    image = np.full((n, 32, 320, 3), 128, np.uint8)
+    return {"image": image, "mask": mask, "image_id": np.arange(n)}
+
+
+@pytest.mark.parametrize("share, low, high", [(0.0, 0, 12), (0.5, 16, 45), (1.0, 63, 63)])
+def test_defect_crops_hold_defect_pixels_as_often_as_asked(share, low, high):
+    batch = one_small_defect(64)
+    out = augment.augment_batch(batch, 32, 64, seed=3, defect_crops=share)
+    assert out["image"].shape == (64, 32, 64, 3)
+    with_defect = int((out["mask"][:-1] == 1 << 2).any(axis=(1, 2)).sum())
+    # uniform crops of width 64 cover the defect in 1 of about 8 places; the clean image never
+    assert low <= with_defect <= high
+    assert not out["mask"][-1].any()
