@@ -1,27 +1,36 @@
-"""Model quality at equal wall-clock budget: steelseg's recipe (the paper's network) against
-segmentation_models.pytorch's ``Unet(resnet18)`` trained in a plain PyTorch loop with the public
-starter recipe, on held-out synthetic data in the Severstal layout.
+"""Model quality at equal wall-clock budget: steelseg's recipes (the paper's network, its levers,
+smp networks trained with steelseg's recipe) against segmentation_models.pytorch's
+``Unet(resnet18)`` trained in a plain PyTorch loop with the public starter recipe, on held-out
+synthetic data in the Severstal layout.
 
-    pip install -e ".[bench]"     # segmentation-models-pytorch, for the peer only
+    pip install -c constraints.txt -e ".[smp]"   # segmentation-models-pytorch
     python benchmarks/bench_quality.py --minutes 8 --seeds 3               # 64x320, 2-core CPU
-    python benchmarks/bench_quality.py --height 256 --width 1600 --crop 256x800 --minutes 10
+    python benchmarks/bench_quality.py --height 256 --width 1600 --crop 256x800 --minutes 0.5
 
-Each seed makes a training set and a test set of its own (synthetic seeds 1000 + 10 s and
-1000 + 10 s + 1: seeds no recipe was chosen on) and trains every system from random weights for
-the same number of minutes on this machine (no ImageNet weights: none can be downloaded here;
-both encoders start equal in that). Scored on the whole test images: Kaggle mean Dice, per
-class, presence precision and recall per class, and the all-empty baseline, per seed and as mean
-and spread. Systems:
+Each seed makes a training set, a calibration set and a test set of its own (synthetic seeds
+1000 + 10 s, + 1 and + 2: seeds no recipe was chosen on) and trains every system from random
+weights for the same wall-clock time on this machine (no ImageNet weights: none can be
+downloaded here; all encoders start equal in that). Batches are made by a pool of threads
+ahead of the training step, the same for every system. Each model is scored on the whole test
+images twice: with threshold 0.5, and with the post-processing rules ``steelseg calibrate``
+would find, searched on the calibration set (row ``... +calibration``). Reported: Kaggle mean
+Dice, per class, presence precision and recall per class, the all-empty baseline, per seed and
+as mean and spread. Systems (``--systems``, comma-separated):
 
+- ``smp-unet-resnet18``: the peer. ``smp.Unet("resnet18", encoder_weights=None, classes=4)``,
+  Adam 5e-4, ``BCEWithLogitsLoss``, horizontal flips, the same random crop: the public Severstal
+  starter kernels' recipe in a plain loop;
 - ``steelseg-default``: ``TrainConfig()``'s recipe (AdamW, warm-up + cosine over the steps the
-  budget allows, BCE + Dice, the head prior) on the paper's U-Net, with steelseg's augmentation
-  (flips, brightness/contrast);
-- ``smp-unet-resnet18``: ``smp.Unet("resnet18", encoder_weights=None, classes=4)``, Adam 5e-4,
-  ``BCEWithLogitsLoss``, horizontal flips: the public Severstal starter kernels' recipe.
+  budget allows, BCE + Dice, the head prior) on the paper's U-Net, steelseg's augmentation;
+- the same with a lever or several (``LEVERS``): ``+defect-crops`` (half the crops on defects),
+  ``+presence`` (the image-level presence head as a gate), ``+levers`` (both), and
+  ``steelseg-unet-resnet18+levers`` (smp's U-Net under steelseg's recipe and levers).
 """
 
 import argparse
 import time
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing import Pool
 
 import numpy as np
 import torch
@@ -29,13 +38,37 @@ from bench_recipe import make_data
 from common import record, table
 
 from steelseg.config import TrainConfig
-from steelseg.data import pipeline
+from steelseg.data.augment import augment_batch
 from steelseg.domain import N_CLASSES
+from steelseg.evaluation.metrics import DiceCounts
+from steelseg.inference.postprocess import Calibration
+from steelseg.model.inputs import autocast, forward_padded, to_inputs
 from steelseg.training import epoch, recipe
 
+LEVERS = {
+    "steelseg-default": {},
+    "steelseg+defect-crops": {"defect_crops": 0.5},
+    "steelseg+presence": {"presence_head": True},
+    "steelseg+levers": {"defect_crops": 0.5, "presence_head": True},
+    "steelseg-unet-resnet18": {"arch": "unet-resnet18"},
+    "steelseg-unet-resnet18+levers": {
+        "arch": "unet-resnet18",
+        "defect_crops": 0.5,
+        "presence_head": True,
+    },
+}
+PEER = "smp-unet-resnet18"
+DEFAULT_SYSTEMS = (
+    PEER,
+    "steelseg-default",
+    "steelseg+defect-crops",
+    "steelseg+presence",
+    "steelseg-unet-resnet18+levers",
+)
 
-def steelseg_default(config: TrainConfig):
-    """(model, loss, optimizer, scheduler factory, augment) of the default recipe."""
+
+def steelseg_system(config: TrainConfig):
+    """(model, loss, optimizer, scheduler factory, augment) of steelseg's recipe."""
     model = recipe.build_model(config)
     optimizer = recipe.build_optimizer(config, model)
 
@@ -44,15 +77,14 @@ def steelseg_default(config: TrainConfig):
 
     def augment(images, bits, rng):
         batch = {"image": images, "mask": bits, "image_id": np.arange(len(images))}
-        out = pipeline.augment_batch(
-            batch, config.crop_height, config.crop_width, int(rng.integers(2**31))
-        )
+        seed = int(rng.integers(2**31))
+        out = augment_batch(batch, config.crop_height, config.crop_width, seed, config.defect_crops)
         return out["image"], out["mask"]
 
     return model, recipe.build_loss(config), optimizer, scheduler, augment
 
 
-def smp_unet_resnet18(config: TrainConfig):
+def peer_system(config: TrainConfig):
     import segmentation_models_pytorch as smp
 
     model = smp.Unet("resnet18", encoder_weights=None, classes=N_CLASSES, activation=None)
@@ -62,85 +94,151 @@ def smp_unet_resnet18(config: TrainConfig):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
     def augment(images, bits, rng):
+        height, width = images.shape[1:3]
+        ch, cw = (config.crop_height or height), (config.crop_width or width)
+        y0 = rng.integers(0, height - ch + 1, size=len(images))
+        x0 = rng.integers(0, width - cw + 1, size=len(images))
+        images = np.stack([im[a : a + ch, b : b + cw] for im, a, b in zip(images, y0, x0)])
+        bits = np.stack([m[a : a + ch, b : b + cw] for m, a, b in zip(bits, y0, x0)])
         flip = rng.random(len(images)) < 0.5
-        images, bits = images.copy(), bits.copy()
         images[flip], bits[flip] = images[flip, :, ::-1], bits[flip, :, ::-1]
         return images, bits
 
     return model, torch.nn.BCEWithLogitsLoss(), optimizer, scheduler, augment
 
 
-SYSTEMS = {"steelseg-default": steelseg_default, "smp-unet-resnet18": smp_unet_resnet18}
+def build_system(system: str, config: TrainConfig):
+    if system == PEER:
+        return peer_system(config)
+    return steelseg_system(config.replace(**LEVERS[system]))
 
 
 class Budgeted:
-    """Batches until ``seconds`` have passed since the first was asked for; the schedule's
-    length is set from the pace of the first ``probe`` steps."""
+    """Batches until ``seconds`` have passed since the first was asked for, made ``ahead`` at a
+    time by a pool of threads (each from its own seeded generator); the schedule's length is set
+    from the pace of the first ``probe`` steps."""
 
-    def __init__(self, make_batch, seconds: float, on_pace, probe: int = 3):
+    def __init__(self, make_batch, seconds: float, on_pace, probe: int = 5, ahead: int = 8):
         self.make_batch, self.seconds = make_batch, seconds
-        self.on_pace, self.probe = on_pace, probe
+        self.on_pace, self.probe, self.ahead = on_pace, probe, ahead
         self.steps = 0
 
     def __iter__(self):
-        start = time.perf_counter()
-        while time.perf_counter() - start < self.seconds:
-            if self.steps == self.probe:
-                per_step = (time.perf_counter() - start) / self.probe
-                self.on_pace(self.probe + int((self.seconds - per_step * self.probe) / per_step))
-            yield self.make_batch()
-            self.steps += 1
+        with ThreadPoolExecutor(self.ahead) as pool:
+            queue = [pool.submit(self.make_batch, i) for i in range(self.ahead)]
+            start = time.perf_counter()
+            while time.perf_counter() - start < self.seconds:
+                if self.steps == self.probe:
+                    per_step = (time.perf_counter() - start) / self.probe
+                    self.on_pace(
+                        self.probe + int((self.seconds - per_step * self.probe) / per_step)
+                    )
+                batch = queue.pop(0).result()
+                queue.append(pool.submit(self.make_batch, self.steps + self.ahead))
+                yield batch
+                self.steps += 1
+            for future in queue:
+                future.cancel()
 
 
-def run(system: str, data, args, seed: int, device: torch.device) -> dict:
-    train_images, train_bits, test_images, test_bits = data
+def train(system: str, data, args, seed: int, device: torch.device):
+    train_images, train_bits = data
     config = TrainConfig(batch_size=args.batch, crop_height=args.crop[0], crop_width=args.crop[1])
     torch.manual_seed(seed)
-    model, loss_fn, optimizer, make_scheduler, augment = SYSTEMS[system](config)
-    model.to(device)
+    model, loss_fn, optimizer, make_scheduler, augment = build_system(system, config)
+    amp = device.type == "cuda"  # bf16 autocast and channels_last, for every system alike
+    model.to(device, memory_format=torch.channels_last if amp else torch.contiguous_format)
     loss_fn.to(device)
-    rng = np.random.default_rng(seed)
-    scheduler_holder = {"scheduler": make_scheduler(10**6)}
+    holder = {"scheduler": make_scheduler(10**6)}
 
     class Scheduler:  # the real one is made once the pace is known
         def step(self):
-            scheduler_holder["scheduler"].step()
-
-        @property
-        def last_epoch(self):
-            return scheduler_holder["scheduler"].last_epoch
+            holder["scheduler"].step()
 
     def on_pace(total_steps: int) -> None:
-        done = scheduler_holder["scheduler"].last_epoch
-        scheduler_holder["scheduler"] = make_scheduler(total_steps)
-        recipe.move_schedule(scheduler_holder["scheduler"], done)
+        done = holder["scheduler"].last_epoch
+        holder["scheduler"] = make_scheduler(total_steps)
+        recipe.move_schedule(holder["scheduler"], done)
 
-    def make_batch():
+    def make_batch(i: int):
+        rng = np.random.default_rng([seed, i])
         idx = rng.integers(len(train_images), size=args.batch)
         images, bits = augment(train_images[idx], train_bits[idx], rng)
         return {"image": torch.from_numpy(np.ascontiguousarray(images)),
                 "mask": torch.from_numpy(np.ascontiguousarray(bits))}  # fmt: skip
 
     batches = Budgeted(make_batch, 60 * args.minutes, on_pace)
-    amp = device.type == "cuda"
     epoch.train_one_epoch(model, batches, loss_fn, optimizer, Scheduler(), device, amp=amp)
-    test = (
-        {"image": torch.from_numpy(test_images[i : i + args.batch]),
-         "mask": torch.from_numpy(test_bits[i : i + args.batch])}
-        for i in range(0, len(test_images), args.batch)
-    )  # fmt: skip
-    _, _, counts, _ = epoch.validate_one_epoch(model, test, loss_fn, device, amp=amp)
-    scores = counts.compute()
+    return model, batches.steps
+
+
+@torch.no_grad()
+def probabilities(model, images, bits, batch_size: int, device: torch.device):
+    """(probabilities (B, 4, H, W) on the device, truth (B, 4, H, W) bool) a batch."""
+    model.eval()
+    amp = device.type == "cuda"
+    for i in range(0, len(images), batch_size):
+        batch = {"image": torch.from_numpy(images[i : i + batch_size]),
+                 "mask": torch.from_numpy(bits[i : i + batch_size])}  # fmt: skip
+        x, y = to_inputs(batch, device, channels_last=amp)
+        with autocast(device, amp):
+            logits = forward_padded(model, x)
+        yield torch.sigmoid(logits.float()), y.bool()
+
+
+def _image_stats(pair):
+    search = Calibration()
+    search.add(pair[0].astype(np.float32), pair[1])
+    return search.stats[0], search.peaks[0], search.true_areas[0]
+
+
+def calibrate(model, images, bits, args, device, pool: Pool):
+    """The rules ``steelseg calibrate`` would find, on these images (the search's per-image
+    work spread over the CPUs)."""
+    search = Calibration()
+    for probs, truth in probabilities(model, images, bits, args.batch, device):
+        pairs = zip(probs.half().cpu().numpy(), truth.cpu().numpy().astype(np.uint8))
+        for stats, peaks, areas in pool.map(_image_stats, pairs):
+            search.stats.append(stats)
+            search.peaks.append(peaks)
+            search.true_areas.append(areas)
+        search.size = tuple(probs.shape[2:])
+    return search.result()[0]
+
+
+def score(model, images, bits, rules, args, device) -> tuple[dict, dict]:
+    plain, calibrated = DiceCounts(N_CLASSES, device), DiceCounts(N_CLASSES)
+    for probs, truth in probabilities(model, images, bits, args.batch, device):
+        plain.update(probs > 0.5, truth)
+        masks, _ = rules.apply_batch(probs)
+        calibrated.update(torch.from_numpy(masks).bool(), truth.cpu())
+    return plain.compute(), calibrated.compute()
+
+
+def as_row(system: str, seed: int, steps: int, scores) -> dict:
     return {
         "system": system,
         "seed": seed,
-        "steps": batches.steps,
+        "steps": steps,
         "kaggle_dice": scores.kaggle_dice,
         "all_empty": scores.empty_baseline,
         **{f"dice_class_{c + 1}": scores.dice_per_class[c] for c in range(N_CLASSES)},
         **{f"presence_recall_{c + 1}": scores.presence_recall[c] for c in range(N_CLASSES)},
         **{f"presence_precision_{c + 1}": scores.presence_precision[c] for c in range(N_CLASSES)},
     }
+
+
+def run(system: str, data: dict, args, seed: int, device, pool) -> list[dict]:
+    start = time.perf_counter()
+    model, steps = train(system, data["train"], args, seed, device)
+    rules = calibrate(model, *data["calibration"], args, device, pool)
+    plain, calibrated = score(model, *data["test"], rules, args, device)
+    rows = [
+        as_row(system, seed, steps, plain),
+        as_row(f"{system} +calibration", seed, steps, calibrated),
+    ]
+    rows[0]["seconds"] = rows[1]["seconds"] = round(time.perf_counter() - start, 1)
+    return rows
 
 
 def mean(values) -> float:
@@ -178,32 +276,43 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=320)
     parser.add_argument("--crop", default="", help="HxW training crop, e.g. 256x800")
     parser.add_argument("--train-images", type=int, default=320)
+    parser.add_argument("--calibration-images", type=int, default=80)
     parser.add_argument("--test-images", type=int, default=120)
     parser.add_argument("--minutes", type=float, default=8.0, help="training budget a system")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS))
     parser.add_argument("--json", default="", help="a results file name (benchmarks/results/)")
     args = parser.parse_args()
     args.crop = tuple(int(v) for v in args.crop.split("x")) if args.crop else (0, 0)
+    systems = args.systems.split(",")
+    unknown = [s for s in systems if s != PEER and s not in LEVERS]
+    if unknown:
+        parser.error(f"unknown system(s) {', '.join(unknown)}; known: {PEER}, {', '.join(LEVERS)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
-    for seed in range(args.seeds):
-        data_seed = 1000 + 10 * seed
-        train = make_data(args.train_images, args.height, args.width, data_seed)
-        test = make_data(args.test_images, args.height, args.width, data_seed + 1)
-        for system in args.systems.split(","):
-            row = run(system, (*train, *test), args, seed, device)
-            rows.append(row)
-            print(table([row], list(row)[:8]), flush=True)
+    with Pool() as pool:
+        for seed in range(args.seeds):
+            data_seed = 1000 + 10 * seed
+            sizes = {"train": args.train_images, "calibration": args.calibration_images,
+                     "test": args.test_images}  # fmt: skip
+            data = {
+                part: make_data(n, args.height, args.width, data_seed + k)
+                for k, (part, n) in enumerate(sizes.items())
+            }
+            for system in systems:
+                new = run(system, data, args, seed, device, pool)
+                rows += new
+                print(table(new, list(new[0])[:9]), flush=True)
+                if args.json:  # after every run: a run cut short keeps what it measured
+                    record(rows, args.json, summary=summary(rows), minutes=args.minutes)
     results = summary(rows)
     print(
-        f"\n{args.height}x{args.width}, {args.train_images} training and {args.test_images} test "
-        f"images a seed, {args.minutes:g} minutes a system on {device}:"
+        f"\n{args.height}x{args.width}, crop {args.crop}, {args.train_images} training, "
+        f"{args.calibration_images} calibration and {args.test_images} test images a seed, "
+        f"{args.minutes:g} minutes a system on {device}:"
     )
     print(table(results, list(results[0])))
-    if args.json:
-        record(rows, args.json, summary=results, minutes=args.minutes)
 
 
 if __name__ == "__main__":
