@@ -63,6 +63,12 @@ class TrainConfig:
         3, "checkpoints kept, best by val Dice (the latest is kept too)", "run"
     )
     log_images: int = setting(4, "validation images in the TensorBoard figure each epoch", "run")
+    calibrate: bool = setting(
+        True,
+        "at the end, search the best checkpoint's post-processing on the validation split "
+        "(prediction then uses it; steelseg calibrate does it again, e.g. with TTA)",
+        "run",
+    )
     checkpoint_upload: str = setting(
         "async", "async: train on while a checkpoint uploads; sync: wait for it", "run"
     )

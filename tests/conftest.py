@@ -276,6 +276,7 @@ class TrainedRun:
     before: Any  # the history when the first job was stopped
     ended_node: list  # the pids of the node ended during the third job
     submitted: dict  # job id -> (ray job status, ray job logs) of the submitted jobs
+    calibration: dict  # the report stored with the best checkpoint when the run ended
 
 
 STOPPED, RESUMED = "steelseg-test-stopped", "steelseg-test-resumed"
@@ -292,7 +293,7 @@ def trained_run(cluster, s3, four_class_uri):
        and finishes. A new second node is then started for the tests that follow."""
     from raynodes import descendants
 
-    from steelseg.runs import read_history
+    from steelseg.runs import best_checkpoint, read_calibration, read_history
 
     storage = s3.uri("runs")  # the run lives wholly in the bucket
     run_dir = small_run(four_class_uri, storage).run_dir
@@ -324,7 +325,8 @@ def trained_run(cluster, s3, four_class_uri):
         job_id: (cluster.job_status(job_id), cluster.job("logs", job_id).stdout)
         for job_id in (STOPPED, RESUMED)
     }
+    calibration = read_calibration(best_checkpoint(run_dir))  # before a test calibrates again
     cluster.wait_for_nodes(1, exactly=True)  # a new second node for the tests that follow
     cluster.add_node()
     cluster.wait_for_nodes(2)
-    return TrainedRun(run_dir, before, ended_node, submitted)
+    return TrainedRun(run_dir, before, ended_node, submitted, calibration)

@@ -51,8 +51,16 @@ def train(args: argparse.Namespace) -> int:
     where = run_dir.target
     print(f"run:         {where}")
     print(f"best:        {best.target if best else None} (best val Dice)")
+    report = result.calibration
+    if report:
+        print(
+            f"calibrated:  val Dice {report['kaggle_dice_before']:.4f} -> "
+            f"{report['kaggle_dice_after']:.4f} on {report['images']} images "
+            "(prediction uses these rules)"
+        )
     print("next:")
-    print(f"  steelseg calibrate {where}")
+    if not report:
+        print(f"  steelseg calibrate {where}")
     print(f"  steelseg predict --checkpoint {where} --images IMAGES --out sub.csv")
     print(f"  steelseg figures figures/ --run {where}")
     print(f"  {tensorboard_command(run_dir)}")

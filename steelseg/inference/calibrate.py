@@ -54,3 +54,9 @@ def calibrate(
     report["checkpoint"] = folder.target
     save_rules(folder, rules, report)
     return rules, report, folder
+
+
+def calibration_report(checkpoint: str, use_gpu: bool) -> dict:
+    """``calibrate`` for a Ray task: the report, with the rules as a dict."""
+    rules, report, _ = calibrate(checkpoint, use_gpu=use_gpu)
+    return {**report, "rules": rules.to_dict()}

@@ -114,6 +114,7 @@ class FitResult:
     metrics: dict = field(default_factory=dict)  # the last epoch's; empty if none finished
     best_checkpoint: Location | None = None  # the kept checkpoint with the best val Dice
     error: Exception | None = None  # why the run failed, None if it finished
+    calibration: dict | None = None  # the calibration report of the best checkpoint, if made
 
 
 def fit(
@@ -143,12 +144,34 @@ def fit(
     with relay or contextlib.nullcontext():
         result = build_trainer(config, train_table, val_table, callbacks, relay).fit()
     best = result.get_best_checkpoint(runs.SCORE, "max") if result.best_checkpoints else None
+    best = config.run_dir / posixpath.basename(best.path) if best else None
+    calibration = None
+    if config.calibrate and best and not result.error:
+        calibration = calibrate_on_cluster(best, config.use_gpu)
     return FitResult(
         run_dir=config.run_dir,
         metrics=dict(result.metrics or {}),
-        best_checkpoint=config.run_dir / posixpath.basename(best.path) if best else None,
+        best_checkpoint=best,
         error=result.error,
+        calibration=calibration,
     )
+
+
+def calibrate_on_cluster(checkpoint: Location, use_gpu: bool) -> dict | None:
+    """``steelseg calibrate`` of the best checkpoint, in a Ray task (on a GPU node when the run
+    used GPUs: the driver's node may have none). A failure costs only the rules: it is logged,
+    and the run stays as it is."""
+    import ray
+
+    from steelseg.inference.calibrate import calibration_report
+
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(calibration_report)
+    try:
+        return ray.get(task.remote(checkpoint.target, use_gpu))
+    except (SteelsegError, ray.exceptions.RayTaskError) as e:
+        reason = " ".join(str(e).split())
+        log.warning("calibration of %s failed: %s", checkpoint.target, reason[-300:])
+        return None
 
 
 def build_trainer(

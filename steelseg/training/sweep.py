@@ -106,7 +106,7 @@ def run_trial(params: dict[str, Any], base: dict, sweep_dir: str) -> None:
 
     trial = Path(tune.get_context().get_trial_dir()).name  # the same name as Tune's trial folder
     config = TrainConfig.from_dict(base).replace(
-        **params, storage=runs.trials_dir(sweep_dir).target, name=trial
+        **params, storage=runs.trials_dir(sweep_dir).target, name=trial, calibrate=False
     )
     result = fit(config, callbacks=[TuneReportCallback()])
     if result.error:

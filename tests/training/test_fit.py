@@ -11,7 +11,14 @@ import pytest
 import torch
 from conftest import ODD_W, small_run
 
-from steelseg.runs import fetch_tensorboard, load_checkpoint, read_history, read_state
+from steelseg.runs import (
+    best_checkpoint,
+    fetch_tensorboard,
+    load_checkpoint,
+    load_rules,
+    read_history,
+    read_state,
+)
 from steelseg.storage import locate
 from steelseg.training.recipe import lr_factor
 
@@ -98,6 +105,19 @@ def test_stopped_job_submitted_again_resumes_from_its_last_checkpoint(trained_ru
     assert "epoch 3/4: train loss" in logs and "epoch 4/4: train loss" in logs
     assert "epoch 2/4" not in logs and "finished epoch 4: val Dice" in logs
     assert f"run:         {trained_run.run_dir.target}" in logs
+
+
+def test_the_finished_run_calibrated_its_best_checkpoint(trained_run):
+    from conftest import RESUMED
+
+    report = trained_run.calibration  # stored in the bucket, beside the best checkpoint
+    assert report["images"] == VAL_IMAGES and load_rules(best_checkpoint(trained_run.run_dir))
+    assert report["kaggle_dice_after"] >= report["kaggle_dice_before"]
+    _, logs = trained_run.submitted[RESUMED]
+    before, after = report["kaggle_dice_before"], report["kaggle_dice_after"]
+    told = f"calibrated:  val Dice {before:.4f} -> {after:.4f} on {VAL_IMAGES} images"
+    assert told in logs
+    assert "steelseg calibrate" not in logs  # not among the next commands: it is done
 
 
 def test_rebuild_model_from_checkpoint_alone(trained_run, four_class_uri):
