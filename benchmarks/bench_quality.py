@@ -23,8 +23,9 @@ as mean and spread. Systems (``--systems``, comma-separated):
 - ``steelseg-default``: ``TrainConfig()``'s recipe (AdamW, warm-up + cosine over the steps the
   budget allows, BCE + Dice, the head prior) on the paper's U-Net, steelseg's augmentation;
 - the same with a lever or several (``LEVERS``): ``+defect-crops`` (half the crops on defects),
-  ``+presence`` (the image-level presence head as a gate), ``+levers`` (both), and
-  ``steelseg-unet-resnet18+levers`` (smp's U-Net under steelseg's recipe and levers).
+  ``+presence`` (the image-level presence head as a gate), ``+levers`` (both),
+  ``steelseg-unet-resnet18+levers`` (smp's U-Net under steelseg's recipe and levers) and
+  ``...+rare`` (images of classes on fewer than 10% of the images drawn more often).
 """
 
 import argparse
@@ -39,6 +40,7 @@ from common import record, table
 
 from steelseg.config import TrainConfig
 from steelseg.data.augment import augment_batch
+from steelseg.data.sampling import rare_repeats
 from steelseg.domain import N_CLASSES
 from steelseg.evaluation.metrics import DiceCounts
 from steelseg.inference.postprocess import Calibration
@@ -55,6 +57,12 @@ LEVERS = {
         "arch": "unet-resnet18",
         "defect_crops": 0.5,
         "presence_head": True,
+    },
+    "steelseg-unet-resnet18+levers+rare": {
+        "arch": "unet-resnet18",
+        "defect_crops": 0.5,
+        "presence_head": True,
+        "rare_share": 0.1,
     },
 }
 PEER = "smp-unet-resnet18"
@@ -107,10 +115,25 @@ def peer_system(config: TrainConfig):
     return model, torch.nn.BCEWithLogitsLoss(), optimizer, scheduler, augment
 
 
+def system_config(system: str, config: TrainConfig) -> TrainConfig:
+    return config if system == PEER else config.replace(**LEVERS[system])
+
+
 def build_system(system: str, config: TrainConfig):
     if system == PEER:
         return peer_system(config)
-    return steelseg_system(config.replace(**LEVERS[system]))
+    return steelseg_system(system_config(system, config))
+
+
+def image_weights(bits: np.ndarray, rare_share: float) -> np.ndarray | None:
+    """Sampling probabilities of the training images: ``sampling.rare_repeats``, normalised
+    (None: uniform)."""
+    if not rare_share:
+        return None
+    presence = np.stack([((bits >> c) & 1).reshape(len(bits), -1).any(axis=1)
+                         for c in range(N_CLASSES)], axis=1)  # fmt: skip
+    repeats = rare_repeats(presence, rare_share)
+    return repeats / repeats.sum()
 
 
 class Budgeted:
@@ -149,6 +172,7 @@ def train(system: str, data, args, seed: int, device: torch.device):
     amp = device.type == "cuda"  # bf16 autocast and channels_last, for every system alike
     model.to(device, memory_format=torch.channels_last if amp else torch.contiguous_format)
     loss_fn.to(device)
+    weights = image_weights(train_bits, system_config(system, config).rare_share)
     holder = {"scheduler": make_scheduler(10**6)}
 
     class Scheduler:  # the real one is made once the pace is known
@@ -162,7 +186,10 @@ def train(system: str, data, args, seed: int, device: torch.device):
 
     def make_batch(i: int):
         rng = np.random.default_rng([seed, i])
-        idx = rng.integers(len(train_images), size=args.batch)
+        if weights is None:  # as the recorded runs drew them
+            idx = rng.integers(len(train_images), size=args.batch)
+        else:
+            idx = rng.choice(len(train_images), size=args.batch, p=weights)
         images, bits = augment(train_images[idx], train_bits[idx], rng)
         return {"image": torch.from_numpy(np.ascontiguousarray(images)),
                 "mask": torch.from_numpy(np.ascontiguousarray(bits))}  # fmt: skip

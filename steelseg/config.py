@@ -91,6 +91,12 @@ class TrainConfig:
         "share of training crops placed on defect pixels when the image has any (0: uniform)",
         "data",
     )
+    rare_share: float = setting(
+        0.0,
+        "each epoch, images of a class on fewer than this share of the N training images are "
+        "repeated until the class is on share x N images (0: every image once)",
+        "data",
+    )
     val_fraction: float = setting(0.2, "share of images in the validation split", "data")
     synth_images: int = setting(320, "images in the demo set (when data is empty)", "data")
     synth_height: int = setting(32, "demo image height", "data")
@@ -187,6 +193,8 @@ class TrainConfig:
                 _bad(name, f"must be a multiple of {ENCODER_STRIDE}", getattr(self, name))
         if bool(self.crop_height) != bool(self.crop_width):
             raise SteelsegError("config crop_height and crop_width must both be set or both be 0")
+        if not 0 <= self.rare_share < 1:
+            _bad("rare_share", "must be in [0, 1)", self.rare_share)
         if not 0 <= self.defect_crops <= 1:
             _bad("defect_crops", "must be in [0, 1]", self.defect_crops)
         if self.presence_weight < 0:

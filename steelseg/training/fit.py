@@ -23,7 +23,7 @@ from ray.train.torch import TorchTrainer
 from steelseg import runs
 from steelseg.cluster import check_shared, init_ray, node_count
 from steelseg.config import TrainConfig
-from steelseg.data import catalog, pipeline, synth
+from steelseg.data import catalog, pipeline, sampling, synth
 from steelseg.errors import SteelsegError
 from steelseg.storage import Location, locate
 from steelseg.training import progress
@@ -140,6 +140,7 @@ def fit(
         train_table, val_table = load_split(config, inspect=inspect_on_nodes)
     check_paths_on_nodes(config)
     runs.write_split(config.run_dir, train_table, val_table)
+    train_table = sampling.oversample(train_table, config.rare_share)
     relay = progress.Relay(on_progress) if on_progress else None
     with relay or contextlib.nullcontext():
         result = build_trainer(config, train_table, val_table, callbacks, relay).fit()
