@@ -197,8 +197,8 @@ class TrainConfig:
             _bad("rare_share", "must be in [0, 1)", self.rare_share)
         if not 0 <= self.defect_crops <= 1:
             _bad("defect_crops", "must be in [0, 1]", self.defect_crops)
-        if self.presence_weight < 0:
-            _bad("presence_weight", "must be >= 0", self.presence_weight)
+        if self.presence_weight <= 0:  # an untrained head would gate at random
+            _bad("presence_weight", "must be positive", self.presence_weight)
         check_arch(self.arch)
         if self.arch != "paper" and self.pretrained not in ("", "imagenet"):
             _bad("pretrained", f"must be '' or imagenet with arch {self.arch}", self.pretrained)

@@ -42,7 +42,7 @@ def test_smp_network_state_dict_rebuilds_from_the_config():
         ({"arch": "segformer-mit_b0"}, "DECODER one of unet, unetplusplus, fpn"),
         ({"arch": "unet-resnet18", "pretrained": "w.pth"}, "must be '' or imagenet with arch"),
         ({"defect_crops": 1.5}, "defect_crops must be in"),
-        ({"presence_weight": -1.0}, "presence_weight must be >= 0"),
+        ({"presence_weight": 0.0}, "presence_weight must be positive"),
     ],
 )
 def test_bad_arch_settings_are_one_line_errors(changes, message):
