@@ -35,7 +35,7 @@ from multiprocessing import Pool
 
 import numpy as np
 import torch
-from bench_recipe import make_data
+from bench_recipe import crop_and_flip, make_data
 from common import record, table
 
 from steelseg.config import TrainConfig
@@ -43,7 +43,7 @@ from steelseg.data.augment import augment_batch
 from steelseg.data.sampling import rare_repeats
 from steelseg.domain import N_CLASSES
 from steelseg.evaluation.metrics import DiceCounts
-from steelseg.inference.postprocess import Calibration
+from steelseg.inference.postprocess import Calibration, ImageStats, image_stats
 from steelseg.model.inputs import autocast, forward_padded, to_inputs
 from steelseg.training import epoch, recipe
 
@@ -101,16 +101,10 @@ def peer_system(config: TrainConfig):
     def scheduler(total_steps: int):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
+    crop = (config.crop_height, config.crop_width) if config.crop_height else None
+
     def augment(images, bits, rng):
-        height, width = images.shape[1:3]
-        ch, cw = (config.crop_height or height), (config.crop_width or width)
-        y0 = rng.integers(0, height - ch + 1, size=len(images))
-        x0 = rng.integers(0, width - cw + 1, size=len(images))
-        images = np.stack([im[a : a + ch, b : b + cw] for im, a, b in zip(images, y0, x0)])
-        bits = np.stack([m[a : a + ch, b : b + cw] for m, a, b in zip(bits, y0, x0)])
-        flip = rng.random(len(images)) < 0.5
-        images[flip], bits[flip] = images[flip, :, ::-1], bits[flip, :, ::-1]
-        return images, bits
+        return crop_and_flip(rng, images, bits, crop)
 
     return model, torch.nn.BCEWithLogitsLoss(), optimizer, scheduler, augment
 
@@ -213,10 +207,8 @@ def probabilities(model, images, bits, batch_size: int, device: torch.device):
         yield torch.sigmoid(logits.float()), y.bool()
 
 
-def _image_stats(pair):
-    search = Calibration()
-    search.add(pair[0].astype(np.float32), pair[1])
-    return search.stats[0], search.peaks[0], search.true_areas[0]
+def _image_stats(pair) -> ImageStats:
+    return image_stats(pair[0].astype(np.float32), pair[1])
 
 
 def calibrate(model, images, bits, args, device, pool: Pool):
@@ -225,11 +217,8 @@ def calibrate(model, images, bits, args, device, pool: Pool):
     search = Calibration()
     for probs, truth in probabilities(model, images, bits, args.batch, device):
         pairs = zip(probs.half().cpu().numpy(), truth.cpu().numpy().astype(np.uint8))
-        for stats, peaks, areas in pool.map(_image_stats, pairs):
-            search.stats.append(stats)
-            search.peaks.append(peaks)
-            search.true_areas.append(areas)
-        search.size = tuple(probs.shape[2:])
+        for stats in pool.map(_image_stats, pairs):
+            search.add_stats(stats)
     return search.result()[0]
 
 

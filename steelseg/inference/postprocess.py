@@ -158,6 +158,43 @@ def _pair_dice(inter: np.ndarray, pred: np.ndarray, true: np.ndarray) -> np.ndar
     return np.where(total == 0, 1.0, 2 * inter / np.maximum(total, 1))
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageStats:
+    """What calibration keeps of one image: its size, per class, threshold and component size
+    the predicted area and overlap with the truth (4, T, K, 2), the highest probability per class
+    (4,) and the true area per class (4,)."""
+
+    size: tuple[int, int]
+    areas: np.ndarray
+    peaks: np.ndarray
+    true_areas: np.ndarray
+
+
+def image_stats(probs: np.ndarray, truth: np.ndarray) -> ImageStats:
+    """(4, H, W) probabilities and (4, H, W) binary truth of one image -> its ``ImageStats``."""
+    pixels = probs.shape[1] * probs.shape[2]
+    areas = np.zeros((N_CLASSES, len(THRESHOLDS), len(COMPONENT_FRACTIONS), 2))
+    for c, (t, threshold) in itertools.product(range(N_CLASSES), enumerate(THRESHOLDS)):
+        thresholded = (probs[c] > threshold).astype(np.uint8)
+        if not thresholded.any():
+            continue  # all zeros
+        true = truth[c] > 0
+        for k, fraction in enumerate(COMPONENT_FRACTIONS):
+            min_component = round(fraction * pixels)
+            mask = (
+                remove_small_components(thresholded, min_component)
+                if min_component
+                else thresholded
+            )
+            areas[c, t, k] = mask.sum(), (mask & true).sum()
+    return ImageStats(
+        tuple(probs.shape[1:]),
+        areas,
+        probs.reshape(N_CLASSES, -1).max(axis=1),
+        truth.reshape(N_CLASSES, -1).sum(axis=1).astype(np.float64),
+    )
+
+
 class Calibration:
     """The search of ``calibrate``, fed one image at a time: each image leaves only its areas
     and overlaps per class, threshold and component size, never its probabilities (6.5 MB an
@@ -175,30 +212,19 @@ class Calibration:
         Raises:
             SteelsegError: an image of another size than the first (areas are per size).
         """
+        self.add_stats(image_stats(probs, truth))
+
+    def add_stats(self, stats: "ImageStats") -> None:
+        """One image's ``image_stats``, computed elsewhere (another process, say)."""
         if self.size is None:
-            self.size = probs.shape[1:]
-        elif probs.shape[1:] != self.size:
+            self.size = stats.size
+        elif stats.size != self.size:
             raise SteelsegError(
-                f"calibrate: images of one size needed, got {probs.shape[1:]} after {self.size}"
+                f"calibrate: images of one size needed, got {stats.size} after {self.size}"
             )
-        pixels = probs.shape[1] * probs.shape[2]
-        stats = np.zeros((N_CLASSES, len(THRESHOLDS), len(COMPONENT_FRACTIONS), 2))
-        for c, (t, threshold) in itertools.product(range(N_CLASSES), enumerate(THRESHOLDS)):
-            thresholded = (probs[c] > threshold).astype(np.uint8)
-            if not thresholded.any():
-                continue  # all zeros
-            true = truth[c] > 0
-            for k, fraction in enumerate(COMPONENT_FRACTIONS):
-                min_component = round(fraction * pixels)
-                mask = (
-                    remove_small_components(thresholded, min_component)
-                    if min_component
-                    else thresholded
-                )
-                stats[c, t, k] = mask.sum(), (mask & true).sum()
-        self.stats.append(stats)
-        self.peaks.append(probs.reshape(N_CLASSES, -1).max(axis=1))
-        self.true_areas.append(truth.reshape(N_CLASSES, -1).sum(axis=1).astype(np.float64))
+        self.stats.append(stats.areas)
+        self.peaks.append(stats.peaks)
+        self.true_areas.append(stats.true_areas)
 
     def result(self) -> tuple[Rules, dict]:
         """Per class, the rule with the best mean Dice over the images; on a tie the earlier
