@@ -59,17 +59,24 @@ def make_data(n, height, width, seed, modalities=("visible",)):
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
-def random_batch(rng, images, bits, batch_size, crop):
-    idx = rng.integers(len(images), size=batch_size)
-    h, w = images.shape[1:3]
+def crop_and_flip(rng, images, bits, crop):
+    """A random ``crop`` (H, W) of each image and its mask (None: whole), half of them flipped
+    horizontally: the public starter kernels' augmentation."""
+    n, h, w = images.shape[:3]
     ch, cw = crop or (h, w)
-    y0 = rng.integers(0, h - ch + 1, size=batch_size)
-    x0 = rng.integers(0, w - cw + 1, size=batch_size)
-    img = np.stack([images[i, a : a + ch, b : b + cw] for i, a, b in zip(idx, y0, x0)])
-    msk = np.stack([bits[i, a : a + ch, b : b + cw] for i, a, b in zip(idx, y0, x0)])
-    flip = rng.random(batch_size) < 0.5
+    y0 = rng.integers(0, h - ch + 1, size=n)
+    x0 = rng.integers(0, w - cw + 1, size=n)
+    img = np.stack([im[a : a + ch, b : b + cw] for im, a, b in zip(images, y0, x0)])
+    msk = np.stack([m[a : a + ch, b : b + cw] for m, a, b in zip(bits, y0, x0)])
+    flip = rng.random(n) < 0.5
     img[flip] = img[flip, :, ::-1]
     msk[flip] = msk[flip, :, ::-1]
+    return img, msk
+
+
+def random_batch(rng, images, bits, batch_size, crop):
+    idx = rng.integers(len(images), size=batch_size)
+    img, msk = crop_and_flip(rng, images[idx], bits[idx], crop)
     return {"image": torch.from_numpy(img), "mask": torch.from_numpy(msk)}
 
 
