@@ -5,6 +5,7 @@ again (a resume), its second node ended mid-run (it goes on with one worker)."""
 
 import io
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -142,3 +143,52 @@ def test_the_run_lives_wholly_in_the_bucket(trained_run, s3):
     assert not any((Path(__file__).parents[2]).glob("s3*")), "a local folder named after the URI"
     split = pd.read_parquet(io.BytesIO(s3.read("runs/run/split.parquet")))
     assert split["path"].str.startswith("s3://steelseg/data/four/train_images/").all()
+
+
+class FakeTrainer:
+    """What ``fit`` asks of a TorchTrainer, without Ray: its tables, and a result whose best
+    checkpoint is epoch 2."""
+
+    def __init__(self, config, train_table, val_table, callbacks, relay):
+        self.train_table, self.error = train_table, None
+
+    def fit(self):
+        best = SimpleNamespace(path="/elsewhere/epoch_0002")
+        return SimpleNamespace(
+            best_checkpoints=[best], metrics={}, error=self.error,
+            get_best_checkpoint=lambda metric, mode: best,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("calibrate", [True, False])
+def test_fit_trains_on_the_oversampled_split_keeps_the_split_and_calibrates_the_best(
+    synth_dir, tmp_path, monkeypatch, calibrate
+):
+    from steelseg.config import TrainConfig
+    from steelseg.data.sampling import oversample
+    from steelseg.runs import read_split
+    from steelseg.training import fit as fitting
+
+    trainers, calibrated = [], []
+
+    def trainer(*args):
+        trainers.append(FakeTrainer(*args))
+        return trainers[-1]
+
+    monkeypatch.setattr(fitting, "init_ray", lambda *args, **kwargs: "")
+    monkeypatch.setattr(fitting, "check_paths_on_nodes", lambda config: None)
+    monkeypatch.setattr(fitting, "build_trainer", trainer)
+    monkeypatch.setattr(
+        fitting, "calibrate_on_cluster", lambda best, gpu: calibrated.append(best) or {"ok": 1}
+    )
+    config = TrainConfig(
+        data=str(synth_dir), storage=str(tmp_path), rare_share=0.3, calibrate=calibrate
+    )
+    result = fitting.fit(config)
+    train = read_split(result.run_dir, "train")  # the split as it is, each image once
+    assert train["image_id"].is_unique
+    epoch_table = trainers[0].train_table
+    assert len(epoch_table) == len(oversample(train, 0.3)) > len(train)
+    assert result.best_checkpoint.name == "epoch_0002"
+    assert calibrated == ([result.best_checkpoint] if calibrate else [])
+    assert result.calibration == ({"ok": 1} if calibrate else None)
