@@ -116,6 +116,11 @@ class LocalCluster:
         self.nodes: list[Node] = []
 
     def start_head(self) -> None:
+        # `ray start --head` with token authentication needs a token and does not make one; on
+        # a machine that never ran Ray, make it as Ray's own message says to (kept if there is
+        # one; written to ~/.ray/auth_token, where nodes, drivers and `ray job` find it)
+        subprocess.run([RAY, "get-auth-token", "--generate"], env=self.env, check=True,
+                       capture_output=True)  # fmt: skip
         self.dashboard_port = free_port()
         args = ["--head", f"--port={self.port}", f"--num-cpus={self.cpus}",
                 f"--ray-client-server-port={free_port()}", "--dashboard-host=127.0.0.1",
