@@ -32,6 +32,7 @@ GROUPS = {
     "run": "where the run lives, failures and checkpoints (Ray's RunConfig)",
 }
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+DICE_OVER = ("pair", "batch")
 
 
 def setting(default: Any, help: str, group: str) -> Any:
@@ -127,6 +128,12 @@ class TrainConfig:
     # 1:1 collapsed to "no defect" from random weights at 64x320; see the README's recipe table
     bce_weight: float = setting(0.75, "weight of BCE in the loss", "recipe")
     dice_weight: float = setting(0.25, "weight of (1 - soft Dice) in the loss", "recipe")
+    dice_over: str = setting(
+        "pair",
+        "soft Dice per (image, class) pair (pair) or per class over the batch (batch, as smp's "
+        "DiceLoss): with pair, every clean image of a rare class pulls it towards never",
+        "recipe",
+    )
     pos_weight: list[float] | None = setting(
         None, "BCE weight of defect pixels per class, 4 values", "recipe"
     )
@@ -209,6 +216,8 @@ class TrainConfig:
             _bad("modalities", "must start with 'visible'", self.modalities)
         if self.checkpoint_upload not in ("async", "sync"):
             _bad("checkpoint_upload", "must be async or sync", self.checkpoint_upload)
+        if self.dice_over not in DICE_OVER:
+            _bad("dice_over", f"must be {' or '.join(DICE_OVER)}", self.dice_over)
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
             _bad(
                 "placement_strategy",

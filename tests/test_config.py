@@ -38,6 +38,7 @@ def test_json_file_and_list_flags(tmp_path):
         ("lr: [\n", "run.yaml: not valid yaml"),
         ("crop_height: 100\n", "crop_height must be a multiple of 32, got 100"),
         ("placement_strategy: WIDE\n", "placement_strategy must be PACK"),
+        ("dice_over: image\n", "config dice_over must be pair or batch, got 'image'"),
         ("pos_weight: [a, b, c, d]\n", "run.yaml: config pos_weight must be float, got 'a'"),
         ("pos_weight: [1, 2]\n", "config pos_weight needs 4 values"),
         ("modalities: visible\n", "run.yaml: config modalities must be a list, got 'visible'"),

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from steelseg.config import DICE_OVER
+
 
 def bce_loss(
     logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None
@@ -25,21 +27,28 @@ def bce_loss(
 
 
 def soft_dice_loss(
-    logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0
+    logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0, over: str = "pair"
 ) -> torch.Tensor:
-    """1 - mean soft Dice over (image, class) pairs.
+    """1 - mean soft Dice, per (image, class) pair or per class over the batch.
 
-    Per pair: (2 sum(p t) + smooth) / (sum(p) + sum(t) + smooth), with p = sigmoid(logits). A pair
-    whose truth is empty scores near 1 only if the prediction is near empty, as in the Kaggle
-    metric.
+    ``over="pair"``: per pair (2 sum(p t) + smooth) / (sum(p) + sum(t) + smooth), with
+    p = sigmoid(logits), averaged over pairs. A pair whose truth is empty scores near 1 only if the
+    prediction is near empty, as in the Kaggle metric; so every empty pair of a rare class pulls
+    its probabilities towards zero as hard as a defect pulls them up.
+    ``over="batch"``: the same sums taken per class over the whole batch, then averaged over the
+    classes (smp's ``DiceLoss`` does this): a clean image adds its false positives to the class's
+    denominator instead of scoring a pair of its own.
 
     Shape:
         logits, targets: (N, C, H, W).
     """
+    if over not in DICE_OVER:
+        raise ValueError(f"soft Dice over must be one of {', '.join(DICE_OVER)}, got {over!r}")
     probs = torch.sigmoid(logits.float()).flatten(2)
     targets = targets.float().flatten(2)
-    intersection = (probs * targets).sum(-1)
-    total = probs.sum(-1) + targets.sum(-1)
+    dims = (0, 2) if over == "batch" else (2,)
+    intersection = (probs * targets).sum(dims)
+    total = probs.sum(dims) + targets.sum(dims)
     return 1.0 - ((2.0 * intersection + smooth) / (total + smooth)).mean()
 
 
@@ -61,6 +70,7 @@ class DiceBCELoss(nn.Module):
         smooth: Dice smoothing, which also sets how much an empty pair rewards an empty prediction.
         pos_weight: optional weight of positive pixels per class for the BCE term.
         presence_weight: weight of the presence head's BCE, when the logits come with one.
+        dice_over: "pair" (per image and class) or "batch" (per class over the batch).
     """
 
     def __init__(
@@ -70,6 +80,7 @@ class DiceBCELoss(nn.Module):
         smooth: float = 1.0,
         pos_weight: list[float] | None = None,
         presence_weight: float = 0.0,
+        dice_over: str = "pair",
     ):
         super().__init__()
         if bce_weight < 0 or dice_weight < 0 or bce_weight + dice_weight == 0:
@@ -81,6 +92,9 @@ class DiceBCELoss(nn.Module):
         self.dice_weight = dice_weight
         self.smooth = smooth
         self.presence_weight = presence_weight
+        if dice_over not in DICE_OVER:
+            raise ValueError(f"dice_over must be one of {', '.join(DICE_OVER)}, got {dice_over!r}")
+        self.dice_over = dice_over
         self.register_buffer(
             "pos_weight",
             None if pos_weight is None else torch.tensor(pos_weight, dtype=torch.float32),
@@ -101,5 +115,6 @@ class DiceBCELoss(nn.Module):
         if self.bce_weight:
             loss = loss + self.bce_weight * bce_loss(logits, targets, self.pos_weight)
         if self.dice_weight:
-            loss = loss + self.dice_weight * soft_dice_loss(logits, targets, self.smooth)
+            dice = soft_dice_loss(logits, targets, self.smooth, self.dice_over)
+            loss = loss + self.dice_weight * dice
         return loss

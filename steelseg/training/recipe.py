@@ -41,6 +41,7 @@ def build_loss(config: TrainConfig) -> DiceBCELoss:
         config.dice_weight,
         pos_weight=config.pos_weight,
         presence_weight=presence,
+        dice_over=config.dice_over,
     )
 
 

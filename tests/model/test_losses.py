@@ -64,3 +64,49 @@ def test_bad_weights_are_rejected():
         DiceBCELoss(bce_weight=0.0, dice_weight=0.0)
     with pytest.raises(ValueError, match="loss weights"):
         DiceBCELoss(bce_weight=-1.0)
+
+
+def test_dice_over_the_batch_pools_the_pairs_of_a_class():
+    # image 0: a 4-pixel defect found exactly; image 1: clean, 4 pixels wrongly marked
+    t = torch.zeros(2, 1, 4, 4)
+    t[0, 0, 0, :] = 1
+    logits = torch.full_like(t, -30.0)
+    logits[0, 0, 0, :] = 30.0
+    logits[1, 0, 3, :] = 30.0
+    # per pair: (8 + 1) / (8 + 1) = 1 and (0 + 1) / (4 + 1) = 0.2, mean 0.6
+    assert soft_dice_loss(logits, t).item() == pytest.approx(0.4, abs=1e-6)
+    # over the batch: (2 * 4 + 1) / (4 + 4 + 4 + 1) = 9 / 13
+    assert soft_dice_loss(logits, t, over="batch").item() == pytest.approx(4 / 13, abs=1e-6)
+    loss = DiceBCELoss(bce_weight=0.0, dice_over="batch")
+    assert loss(logits, t).item() == pytest.approx(4 / 13, abs=1e-6)
+
+
+def test_dice_over_the_batch_is_per_class():
+    # class 0 found exactly on image 0, class 1 all wrong on image 1: classes average, not pool
+    t = torch.zeros(2, 2, 4, 4)
+    t[0, 0, 0, :] = 1
+    t[1, 1, 1, :] = 1
+    logits = torch.full_like(t, -30.0)
+    logits[0, 0, 0, :] = 30.0
+    logits[1, 1, 2, :] = 30.0
+    # class 0: 9 / 9; class 1: 1 / (4 + 4 + 1)
+    expected = 1 - (1 + 1 / 9) / 2
+    assert soft_dice_loss(logits, t, over="batch").item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_unknown_dice_over_is_rejected():
+    with pytest.raises(ValueError, match="dice_over must be one of pair, batch"):
+        DiceBCELoss(dice_over="image")
+
+
+def test_the_config_chooses_the_dice():
+    from steelseg.config import TrainConfig
+    from steelseg.training import recipe
+
+    t = torch.zeros(2, 4, 4, 4)
+    t[0, :, 0, :] = 1
+    logits = (t * 2 - 1) * 30
+    logits[1, :, 3, :] = 30.0
+    for over, expected in (("pair", 0.4), ("batch", 4 / 13)):
+        loss = recipe.build_loss(TrainConfig(bce_weight=0.0, dice_weight=1.0, dice_over=over))
+        assert loss(logits, t).item() == pytest.approx(expected, abs=1e-6)
