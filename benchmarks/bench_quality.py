@@ -14,8 +14,9 @@ downloaded here; all encoders start equal in that). Batches are made by a pool o
 ahead of the training step, the same for every system. Each model is scored on the whole test
 images twice: with threshold 0.5, and with the post-processing rules ``steelseg calibrate``
 would find, searched on the calibration set (row ``... +calibration``). Reported: Kaggle mean
-Dice, per class, presence precision and recall per class, the all-empty baseline, per seed and
-as mean and spread. Systems (``--systems``, comma-separated):
+Dice, per class, presence precision and recall per class, the presence AUC per class (how well
+an image's highest probability ranks the class's presence, whatever the threshold), the all-empty
+baseline, per seed and as mean and spread. Systems (``--systems``, comma-separated):
 
 - ``smp-unet-resnet18``: the peer. ``smp.Unet("resnet18", encoder_weights=None, classes=4)``,
   Adam 5e-4, ``BCEWithLogitsLoss``, horizontal flips, the same random crop: the public Severstal
@@ -25,7 +26,8 @@ as mean and spread. Systems (``--systems``, comma-separated):
 - the same with a lever or several (``LEVERS``): ``+defect-crops`` (half the crops on defects),
   ``+presence`` (the image-level presence head as a gate), ``+levers`` (both),
   ``steelseg-unet-resnet18+levers`` (smp's U-Net under steelseg's recipe and levers) and
-  ``...+rare`` (images of classes on fewer than 10% of the images drawn more often).
+  ``...+rare`` (images of classes on fewer than 10% of the images drawn more often),
+  ``+batch-dice`` (soft Dice per class over the batch instead of per image and class).
 """
 
 import argparse
@@ -52,6 +54,12 @@ LEVERS = {
     "steelseg+defect-crops": {"defect_crops": 0.5},
     "steelseg+presence": {"presence_head": True},
     "steelseg+levers": {"defect_crops": 0.5, "presence_head": True},
+    "steelseg+batch-dice": {"dice_over": "batch"},
+    "steelseg+levers+batch-dice": {
+        "defect_crops": 0.5,
+        "presence_head": True,
+        "dice_over": "batch",
+    },
     "steelseg-unet-resnet18": {"arch": "unet-resnet18"},
     "steelseg-unet-resnet18+levers": {
         "arch": "unet-resnet18",
@@ -62,6 +70,19 @@ LEVERS = {
         "arch": "unet-resnet18",
         "defect_crops": 0.5,
         "presence_head": True,
+        "rare_share": 0.1,
+    },
+    "steelseg-unet-resnet18+levers+batch-dice": {
+        "arch": "unet-resnet18",
+        "defect_crops": 0.5,
+        "presence_head": True,
+        "dice_over": "batch",
+    },
+    "steelseg-unet-resnet18+levers+batch-dice+rare": {
+        "arch": "unet-resnet18",
+        "defect_crops": 0.5,
+        "presence_head": True,
+        "dice_over": "batch",
         "rare_share": 0.1,
     },
 }
@@ -222,16 +243,31 @@ def calibrate(model, images, bits, args, device, pool: Pool):
     return search.result()[0]
 
 
-def score(model, images, bits, rules, args, device) -> tuple[dict, dict]:
+def presence_auc(scores: np.ndarray, present: np.ndarray) -> float:
+    """The chance that an image with the class scores above one without it (ties half): how
+    well the image's highest probability ranks the class's presence, whatever the threshold."""
+    pos, neg = scores[present], scores[~present]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    return float((pos[:, None] > neg).mean() + 0.5 * (pos[:, None] == neg).mean())
+
+
+def score(model, images, bits, rules, args, device) -> tuple[dict, dict, list[float]]:
+    """Plain and calibrated Dice counts, and the presence AUC per class."""
     plain, calibrated = DiceCounts(N_CLASSES, device), DiceCounts(N_CLASSES)
+    highest, present = [], []
     for probs, truth in probabilities(model, images, bits, args.batch, device):
         plain.update(probs > 0.5, truth)
         masks, _ = rules.apply_batch(probs)
         calibrated.update(torch.from_numpy(masks).bool(), truth.cpu())
-    return plain.compute(), calibrated.compute()
+        highest.append(probs.flatten(2).amax(-1).cpu().numpy())
+        present.append(truth.flatten(2).any(-1).cpu().numpy())
+    highest, present = np.concatenate(highest), np.concatenate(present)
+    auc = [presence_auc(highest[:, c], present[:, c]) for c in range(N_CLASSES)]
+    return plain.compute(), calibrated.compute(), auc
 
 
-def as_row(system: str, seed: int, steps: int, scores) -> dict:
+def as_row(system: str, seed: int, steps: int, scores, auc: list[float]) -> dict:
     return {
         "system": system,
         "seed": seed,
@@ -241,6 +277,7 @@ def as_row(system: str, seed: int, steps: int, scores) -> dict:
         **{f"dice_class_{c + 1}": scores.dice_per_class[c] for c in range(N_CLASSES)},
         **{f"presence_recall_{c + 1}": scores.presence_recall[c] for c in range(N_CLASSES)},
         **{f"presence_precision_{c + 1}": scores.presence_precision[c] for c in range(N_CLASSES)},
+        **{f"presence_auc_{c + 1}": auc[c] for c in range(N_CLASSES)},
     }
 
 
@@ -248,10 +285,10 @@ def run(system: str, data: dict, args, seed: int, device, pool) -> list[dict]:
     start = time.perf_counter()
     model, steps = train(system, data["train"], args, seed, device)
     rules = calibrate(model, *data["calibration"], args, device, pool)
-    plain, calibrated = score(model, *data["test"], rules, args, device)
+    plain, calibrated, auc = score(model, *data["test"], rules, args, device)
     rows = [
-        as_row(system, seed, steps, plain),
-        as_row(f"{system} +calibration", seed, steps, calibrated),
+        as_row(system, seed, steps, plain, auc),
+        as_row(f"{system} +calibration", seed, steps, calibrated, auc),
     ]
     rows[0]["seconds"] = rows[1]["seconds"] = round(time.perf_counter() - start, 1)
     return rows
@@ -280,6 +317,7 @@ def summary(rows: list[dict]) -> list[dict]:
                     for c in range(1, N_CLASSES + 1)
                 },
                 **{f"recall_{c}": mean(r[f"presence_recall_{c}"] for r in mine) for c in (1, 2)},
+                **{f"auc_{c}": mean(r[f"presence_auc_{c}"] for r in mine) for c in (1, 2)},
                 "steps": int(np.mean([r["steps"] for r in mine])),
             }
         )
@@ -319,7 +357,8 @@ def main() -> None:
             for system in systems:
                 new = run(system, data, args, seed, device, pool)
                 rows += new
-                print(table(new, list(new[0])[:9]), flush=True)
+                shown = [*list(new[0])[:9], "presence_auc_1", "presence_auc_2"]
+                print(table(new, shown), flush=True)
                 if args.json:  # after every run: a run cut short keeps what it measured
                     record(rows, args.json, summary=summary(rows), minutes=args.minutes)
     results = summary(rows)
