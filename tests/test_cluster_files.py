@@ -189,6 +189,16 @@ def test_the_gpu_training_config_is_a_config_the_train_job_takes():
     assert config.use_gpu and config.data.startswith("s3://") and config.storage.startswith("s3://")
 
 
+def test_the_best_recipe_config_is_the_gpu_config_with_the_measured_levers():
+    from steelseg.config import TrainConfig, read_config_file
+
+    plain = TrainConfig.from_dict(read_config_file(CLUSTER / "severstal-gpu.yaml"))
+    best = TrainConfig.from_dict(read_config_file(CLUSTER / "severstal-gpu-best.yaml"))
+    levers = {"arch": "unet-resnet18", "presence_head": True, "defect_crops": 0.5,
+              "dice_over": "batch", "name": best.name}  # fmt: skip
+    assert best == plain.replace(**levers)
+
+
 # --- image and runtime_env ---------------------------------------------------------------------
 
 
@@ -219,7 +229,8 @@ def test_runtime_env_is_valid_and_brings_every_dependency():
     RuntimeEnv(**env)  # raises on a field Ray does not know
     packages = env["pip"]["packages"]
     names = {re.split(r"[<>=\[]", p)[0] for p in packages}
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    needed = {re.split(r"[<>=\[]", d)[0] for d in project} - {"ray"}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["smp"]
+    needed = {re.split(r"[<>=\[]", d)[0] for d in wanted} - {"ray"}
     assert needed == names
     assert f"torch=={pinned('torch')}" in packages
