@@ -49,7 +49,10 @@ def trial_statuses(sweep_dir: Location) -> dict[str, str]:
 
     if not any(c.name.startswith("experiment_state-") for c in sweep_dir.children()):
         return {}  # not started yet
-    analysis = ExperimentAnalysis(sweep_dir.path, storage_filesystem=sweep_dir.fs)
+    try:
+        analysis = ExperimentAnalysis(sweep_dir.path, storage_filesystem=sweep_dir.fs)
+    except (ValueError, OSError):  # the state file caught while Tune rewrites it: look again
+        return {}
     return {Path(t.path).name: t.status for t in analysis.trials}
 
 
