@@ -77,6 +77,27 @@ def search_space(spec: dict[str, Any]) -> dict[str, Any]:
     return space
 
 
+def trial_count(spec: dict[str, Any], num_samples: int) -> int:
+    """How many trials a sweep of this search-space spec runs: ``num_samples`` times every
+    combination of the grids."""
+    count = num_samples
+    for sampler in spec.values():
+        ((kind, args),) = sampler.items()
+        if kind == "grid":
+            count *= len(args)
+    return count
+
+
+def local_cpus(base: TrainConfig, spec: dict[str, Any], num_samples: int) -> int:
+    """The CPUs a local Ray started for a sweep is given: this machine's, and every trial's
+    workers' once more. Ray Train (2.60) inside Tune keeps a finished trial's placement group,
+    its workers' CPUs, reserved until the driver ends; without room for them a machine with a
+    trial's CPUs and no more waits forever at the second trial (its workers leave Ray Data none).
+    The kept groups use no CPU, so the machine is not oversubscribed by them."""
+    kept = trial_count(spec, num_samples) * base.num_workers * base.cpus_per_worker
+    return (os.cpu_count() or 1) + math.ceil(kept)
+
+
 def _typed(key: str, value: Any, default: Any) -> Any:
     """A value of the field's type (YAML reads 1e-4, without a dot, as a string), checked by
     the config's own validation."""
@@ -147,7 +168,8 @@ def sweep(
     base = base.resolved()
     sweep_dir = base.run_dir
     searched = search_space(space)
-    init_ray(cpus_needed(base.replace(num_workers=base.num_workers * max_concurrent)))
+    needed = cpus_needed(base.replace(num_workers=base.num_workers * max_concurrent))
+    init_ray(max(needed, local_cpus(base, space, num_samples)))  # attached: a cluster's own
     check_resources(base, max_concurrent)
     check_paths_on_nodes(base)
     # The trial function only drives its TorchTrainer, whose workers reserve their own CPUs.

@@ -200,3 +200,15 @@ def test_numbers_yaml_reads_as_strings_are_numbers():
     space = search_space({"lr": {"loguniform": ["1e-4", "1e-2"]}})  # YAML: 1e-4 is a string
     assert isinstance(space["lr"], Float)
     assert (space["lr"].lower, space["lr"].upper) == (1e-4, 1e-2)
+
+
+def test_a_local_ray_for_a_sweep_has_room_for_every_trials_kept_workers(monkeypatch):
+    from steelseg.training.sweep import local_cpus, trial_count
+
+    spec = {"lr": {"grid": [1e-3, 1e-4, 1e-5]}, "dice_weight": {"uniform": [0.1, 0.5]},
+            "batch_size": {"grid": [2, 4]}}  # fmt: skip
+    assert trial_count(spec, num_samples=2) == 12
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    base = TrainConfig(num_workers=2, cpus_per_worker=1.5)
+    assert local_cpus(base, spec, num_samples=2) == 2 + 12 * 3
+    assert local_cpus(TrainConfig(num_workers=1), {"lr": {"uniform": [0, 1]}}, 1) == 3
