@@ -227,6 +227,14 @@ class SweepResult:
     best_checkpoint: Location
 
 
+def best_epoch(history: pd.DataFrame) -> pd.Series | None:
+    """A trial's history row with the best val Dice, the later epoch on a tie, as
+    ``runs.best_checkpoint`` picks the checkpoint (None for an empty history)."""
+    if history.empty:
+        return None
+    return history.sort_values([runs.SCORE, "epoch"], na_position="first").iloc[-1]
+
+
 def write_results(results: tune.ResultGrid, base: TrainConfig, sweep_dir: Location) -> SweepResult:
     """results.csv sorted by val Dice, every trial's HParams, the best config and checkpoint."""
     rows = []
@@ -234,7 +242,7 @@ def write_results(results: tune.ResultGrid, base: TrainConfig, sweep_dir: Locati
         trial = Path(result.path).name
         run_dir = runs.trials_dir(sweep_dir) / trial
         history = runs.read_history(run_dir)
-        best = history.loc[history[runs.SCORE].idxmax()] if len(history) else None
+        best = best_epoch(history)
         rows.append(
             {
                 "trial": trial,

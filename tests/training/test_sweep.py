@@ -212,3 +212,13 @@ def test_a_local_ray_for_a_sweep_has_room_for_every_trials_kept_workers(monkeypa
     base = TrainConfig(num_workers=2, cpus_per_worker=1.5)
     assert local_cpus(base, spec, num_samples=2) == 2 + 12 * 3
     assert local_cpus(TrainConfig(num_workers=1), {"lr": {"uniform": [0, 1]}}, 1) == 3
+
+
+def test_a_trials_best_epoch_is_the_later_on_a_tie_as_its_best_checkpoint():
+    from steelseg.training.sweep import best_epoch
+
+    history = pd.DataFrame({"epoch": [1, 2, 3], "val_kaggle_dice": [0.88, 0.88, float("nan")]})
+    assert best_epoch(history)["epoch"] == 2
+    history.loc[2, "val_kaggle_dice"] = 0.9
+    assert best_epoch(history)["epoch"] == 3
+    assert best_epoch(history.iloc[:0]) is None
