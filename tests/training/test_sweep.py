@@ -214,6 +214,24 @@ def test_a_local_ray_for_a_sweep_has_room_for_every_trials_kept_workers(monkeypa
     assert local_cpus(TrainConfig(num_workers=1), {"lr": {"uniform": [0, 1]}}, 1) == 3
 
 
+def test_the_sweep_starts_ray_with_room_for_the_kept_workers(monkeypatch, tmp_path):
+    from steelseg.training import sweep as sweep_module
+
+    asked = []
+
+    def init_ray(num_cpus, **_):
+        asked.append(num_cpus)
+        raise SteelsegError("stop here")  # before Tune: only the CPUs asked for matter
+
+    monkeypatch.setattr(sweep_module, "init_ray", init_ray)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    base = TrainConfig(storage=str(tmp_path), name="s", num_workers=1)
+    with pytest.raises(SteelsegError, match="stop here"):
+        sweep_module.sweep(base, {"lr": {"grid": [1e-3, 1e-4, 1e-5]}}, num_samples=1,
+                           max_concurrent=1)  # fmt: skip
+    assert asked == [2 + 3]  # the machine's 2 and one CPU for each of the 3 trials' workers
+
+
 def test_a_trials_best_epoch_is_the_later_on_a_tie_as_its_best_checkpoint():
     from steelseg.training.sweep import best_epoch
 
