@@ -320,13 +320,17 @@ def trained_run(cluster, s3, four_class_uri):
     second = cluster.nodes[1]
     ended_node = descendants(second.process.pid)
     second.end()
-    cluster.job("logs", "--follow", RESUMED, timeout=600)  # until the job ends
-    submitted = {
-        job_id: (cluster.job_status(job_id), cluster.job("logs", job_id).stdout)
-        for job_id in (STOPPED, RESUMED)
-    }
-    calibration = read_calibration(best_checkpoint(run_dir))  # before a test calibrates again
-    cluster.wait_for_nodes(1, exactly=True)  # a new second node for the tests that follow
-    cluster.add_node()
-    cluster.wait_for_nodes(2)
+    try:
+        cluster.wait_for_job(RESUMED)
+        submitted = {
+            job_id: (cluster.job_status(job_id), cluster.job("logs", job_id).stdout)
+            for job_id in (STOPPED, RESUMED)
+        }
+        status, logs = submitted[RESUMED]
+        assert status == "SUCCEEDED", f"the resumed job {status}: {logs[-3000:]}"
+        calibration = read_calibration(best_checkpoint(run_dir))  # before a test calibrates again
+    finally:  # a new second node for the tests that follow, whatever happened to the run
+        cluster.wait_for_nodes(1, exactly=True)
+        cluster.add_node()
+        cluster.wait_for_nodes(2)
     return TrainedRun(run_dir, before, ended_node, submitted, calibration)

@@ -151,6 +151,19 @@ class LocalCluster:
 
         return str(JobSubmissionClient(self.dashboard).get_job_status(job_id).value)
 
+    def wait_for_job(self, job_id: str, timeout_s: float = 600.0) -> str:
+        """The job's final status (SUCCEEDED, STOPPED or FAILED) once it has one (stopped if it
+        has none after ``timeout_s``). Its status is asked, not its log followed: ``ray job logs
+        --follow`` can return while the job runs, as it did here once after a node was ended
+        (ray-project/ray#60665, #51601)."""
+        deadline = time.monotonic() + timeout_s
+        while (status := self.job_status(job_id)) not in ("SUCCEEDED", "STOPPED", "FAILED"):
+            if time.monotonic() > deadline:
+                self.job("stop", job_id)
+                raise AssertionError(f"job {job_id} still {status} after {timeout_s} s")
+            time.sleep(2.0)
+        return status
+
     def add_node(self) -> Node:
         args = [f"--address={self.address}", f"--num-cpus={self.cpus}"]
         node = Node(args, self.env, self.folder / f"node{len(self.nodes)}.log")
