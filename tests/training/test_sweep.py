@@ -1,5 +1,6 @@
 """A Ray Tune sweep on the easy set, on the two-node cluster of conftest.py: interrupted with
-SIGINT after its first trial, then restored by rerunning with the same name."""
+SIGINT after two trials, then restored by rerunning with the same name. Its trials train
+smp's U-Net (--arch unet-resnet18); the shared run of conftest.py trains the paper's network."""
 
 import io
 import os
@@ -75,6 +76,7 @@ def sweep_run(cluster, easy_dir, s3, tmp_path_factory):
         "--batch-size", "2", "--crop-height", "32", "--crop-width", "96",
         "--num-workers", "1", "--warmup-steps", "2",
         "--val-fraction", "0.25", "--log-images", "0", "--keep-checkpoints", "1", "--seed", "1",
+        "--arch", "unet-resnet18",  # half the paper network's step time; the shared run has that
     ]  # fmt: skip
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     root = Path(__file__).parents[2]
@@ -117,11 +119,13 @@ def test_best_config_and_checkpoint_files(sweep_run):
     best = TrainConfig.from_dict(read_config_file((sweep_dir / "best_config.yaml").target))
     assert best.lr == pytest.approx(results["lr"].iloc[0])
     assert best.name == "sweep-best" and best.epochs == 2 and best.batch_size == 2
+    assert best.arch == "unet-resnet18"  # the sweep's fixed settings are kept too
     checkpoint = locate((sweep_dir / "best_checkpoint.txt").read_text().strip(), "checkpoint")
     assert checkpoint.uri.startswith("s3://steelseg/sweeps/sweep/trials/")
     assert checkpoint.parent.name == results["trial"].iloc[0]
-    _, config, state = load_checkpoint(checkpoint)
-    assert config.lr == pytest.approx(best.lr)
+    model, config, state = load_checkpoint(checkpoint)
+    assert config.lr == pytest.approx(best.lr) and config.arch == "unet-resnet18"
+    assert sum(p.numel() for p in model.parameters()) == 14_328_644  # smp's, not the paper's
     assert state["metrics"]["val_kaggle_dice"] == pytest.approx(results["val_kaggle_dice"].iloc[0])
 
 
