@@ -244,7 +244,8 @@ def train_flags(config) -> list[str]:
     flags = []
     for key in ("data", "storage", "name", "epochs", "batch_size", "num_workers",
                 "cpus_per_worker", "placement_strategy", "lr", "warmup_steps", "log_images",
-                "val_fraction", "crop_height", "crop_width", "seed", "max_failures"):  # fmt: skip
+                "val_fraction", "crop_height", "crop_width", "seed", "max_failures",
+                "keep_checkpoints"):  # fmt: skip
         flags += ["--" + key.replace("_", "-"), str(getattr(config, key))]
     if config.min_workers:  # elastic: --num-workers MIN..MAX
         flags[flags.index("--num-workers") + 1] = f"{config.min_workers}..{config.num_workers}"
@@ -286,9 +287,10 @@ STOPPED, RESUMED = "steelseg-test-stopped", "steelseg-test-resumed"
 def trained_run(cluster, s3, four_class_uri):
     """The run the training, prediction and figure tests share, on the four-class set, data and
     run in the test bucket, 2 workers on the 2 nodes:
-    1. the train job submitted with `ray job submit` for 4 epochs, elastic
-       (`--num-workers 1..2`), and stopped with `ray job stop` once epoch 2 is saved;
-    2. the same submission again: it resumes from epoch 2; once epoch 3 is saved the second
+    1. the train job submitted with `ray job submit` for 3 epochs, elastic
+       (`--num-workers 1..2`), 2 checkpoints kept, and stopped with `ray job stop` once epoch 1
+       is saved;
+    2. the same submission again: it resumes from epoch 1; once epoch 2 is saved the second
        node is ended (its process tree), and the run goes on with 1 worker from that checkpoint
        and finishes. A new second node is then started for the tests that follow."""
     from raynodes import descendants
@@ -299,7 +301,9 @@ def trained_run(cluster, s3, four_class_uri):
     run_dir = small_run(four_class_uri, storage).run_dir
     # elastic, 2 CPUs a worker: a node left alone holds one worker and still has a CPU for Ray
     # Data (elastic training would otherwise fill it with workers and leave the data none)
-    elastic = small_run(four_class_uri, storage, epochs=4, min_workers=1, cpus_per_worker=2.0)
+    elastic = small_run(
+        four_class_uri, storage, epochs=3, min_workers=1, cpus_per_worker=2.0, keep_checkpoints=2
+    )
     entrypoint = ["python", "-m", "ray_jobs.train", *train_flags(elastic)]
     # one torch thread a worker, as in the other runs: the two nodes share this machine's 2
     # cores; and Ray Train's wait for a worker group that cannot start (after a node is lost,
@@ -309,14 +313,14 @@ def trained_run(cluster, s3, four_class_uri):
               "--runtime-env-json", json.dumps({"env_vars": env_vars})]  # fmt: skip
     started = cluster.job(*submit, "--submission-id", STOPPED, "--", *entrypoint)
     assert started.returncode == 0, started.stderr[-3000:]
-    wait_for_checkpoint(run_dir, 2)
+    wait_for_checkpoint(run_dir, 1)
     stopped = cluster.job("stop", STOPPED)
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     before = read_history(run_dir)
 
     again = cluster.job(*submit, "--submission-id", RESUMED, "--", *entrypoint)
     assert again.returncode == 0, again.stderr[-3000:]
-    wait_for_checkpoint(run_dir, 3)
+    wait_for_checkpoint(run_dir, 2)
     second = cluster.nodes[1]
     ended_node = descendants(second.process.pid)
     second.end()

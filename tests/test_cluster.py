@@ -75,13 +75,13 @@ def test_submitted_train_job_attaches_and_prints_only_progress(trained_run):
     _, logs = trained_run.submitted[STOPPED]
     lines = logs.strip().splitlines()  # after the CLI's own lines
     first = lines.index(next(x for x in lines if x.startswith("Running entrypoint for job")))
-    lines = lines[first : lines.index(next(x for x in lines if x.startswith("epoch 2/4"))) + 1]
+    lines = lines[first : lines.index(next(x for x in lines if x.startswith("epoch 1/3"))) + 1]
     assert lines[0].startswith("Running entrypoint for job steelseg-test-stopped: python -m")
     assert lines[1].startswith("attached to the Ray cluster at ") and "(RAY_ADDRESS)" in lines[1]
     for epoch, line in enumerate(lines[2:], start=1):
-        assert line.startswith(f"epoch {epoch}/4: train loss ") and "val Dice" in line
+        assert line.startswith(f"epoch {epoch}/3: train loss ") and "val Dice" in line
         assert "img/s" in line and "left" in line
-    assert len(lines) == 4, lines  # no Ray logs, no metric dicts, no warnings
+    assert len(lines) == 3, lines  # no Ray logs, no metric dicts, no warnings
 
 
 # --- local paths on several nodes --------------------------------------------------------------

@@ -29,10 +29,10 @@ TRAIN_IMAGES, VAL_IMAGES = 72, 24  # of the 96 images, val_fraction 0.25
 def test_two_workers_on_two_nodes_learn_all_four_classes_from_crops(trained_run):
     run_dir = trained_run.run_dir
     history = read_history(run_dir)
-    assert history["epoch"].tolist() == [1, 2, 3, 4]
-    # epoch 4 on the one node left (elastic), the others on two
-    assert history["nodes"].tolist() == [2, 2, 2, 1]
-    assert history["worker_pids"].map(len).tolist() == [2, 2, 2, 1]
+    assert history["epoch"].tolist() == [1, 2, 3]
+    # epoch 3 on the one node left (elastic), the others on two
+    assert history["nodes"].tolist() == [2, 2, 1]
+    assert history["worker_pids"].map(len).tolist() == [2, 2, 1]
     assert (history["train_images"] == TRAIN_IMAGES).all()
     assert (history["val_images"] == VAL_IMAGES).all()  # whole 48x176 images, padded
     first, last = history.iloc[0], history.iloc[-1]
@@ -55,9 +55,9 @@ def test_tensorboard_has_the_curves_and_the_figure(trained_run, tmp_path):
     # where each epoch's time went, and each checkpoint's (every epoch once, as below)
     for phase in ("data_wait", "step", "validate", "checkpoint"):
         values = [e.value for e in events.Scalars(f"time/{phase}")]
-        assert len(values) == 4 and all(v > 0 for v in values), (phase, values)
-    # two resumes and a restore, yet every epoch once
-    assert [e.value for e in events.Scalars("epoch")] == [1, 2, 3, 4]
+        assert len(values) == 3 and all(v > 0 for v in values), (phase, values)
+    # a resume and a restore, yet every epoch once
+    assert [e.value for e in events.Scalars("epoch")] == [1, 2, 3]
     figure = events.Images("val/truth_vs_prediction")[-1]
     assert figure.width == ODD_W  # whole validation images, not the training crop
 
@@ -65,26 +65,26 @@ def test_tensorboard_has_the_curves_and_the_figure(trained_run, tmp_path):
 def test_rerun_resumes_the_optimizer_and_schedule_where_they_stopped(trained_run):
     run_dir, before = trained_run.run_dir, trained_run.before
     history = read_history(run_dir)
-    pd.testing.assert_frame_equal(history.iloc[:2], before)  # the stopped job's epochs are kept
-    # 72 images, batches of 4: 9 steps a rank on 2 workers, 18 on 1 (epoch 4)
-    assert history["optimizer_steps"].tolist() == [9, 18, 27, 45]
+    pd.testing.assert_frame_equal(history.iloc[:1], before)  # the stopped job's epoch is kept
+    # 72 images, batches of 4: 9 steps a rank on 2 workers, 18 on 1 (epoch 3)
+    assert history["optimizer_steps"].tolist() == [9, 18, 36]
     config = small_run(Path("data"), Path("runs"))
     for epoch, lr, workers in zip(history["epoch"], history["lr"], history["worker_pids"].map(len)):
-        # the schedule of the 4-epoch run, at the end of the epoch in that epoch's steps
+        # the schedule of the 3-epoch run, at the end of the epoch in that epoch's steps
         steps = 18 // workers
         assert lr == pytest.approx(config.lr * lr_factor(epoch * steps, config.warmup_steps,
-                                                         4 * steps)), epoch  # fmt: skip
+                                                         3 * steps)), epoch  # fmt: skip
 
 
 def test_a_node_that_goes_away_leaves_the_run_on_the_others_from_the_last_checkpoint(trained_run):
     from conftest import RESUMED
 
     history, ended = read_history(trained_run.run_dir), trained_run.ended_node
-    assert set(history["worker_pids"].iloc[2]) & set(ended), "no worker of epoch 3 was on it"
-    assert history["resumed_from_epoch"].iloc[3] == 3, "epoch 4 was not restored from epoch 3"
-    assert not set(history["worker_pids"].iloc[3]) & set(ended)
+    assert set(history["worker_pids"].iloc[1]) & set(ended), "no worker of epoch 2 was on it"
+    assert history["resumed_from_epoch"].iloc[2] == 2, "epoch 3 was not restored from epoch 2"
+    assert not set(history["worker_pids"].iloc[2]) & set(ended)
     status, logs = trained_run.submitted[RESUMED]
-    assert status == "SUCCEEDED" and "finished epoch 4: val Dice" in logs  # it finished
+    assert status == "SUCCEEDED" and "finished epoch 3: val Dice" in logs  # it finished
 
 
 def test_stopped_job_submitted_again_resumes_from_its_last_checkpoint(trained_run):
@@ -96,15 +96,15 @@ def test_stopped_job_submitted_again_resumes_from_its_last_checkpoint(trained_ru
         trained_run.submitted[RESUMED],
     )
     assert (stopped, finished) == ("STOPPED", "SUCCEEDED")
-    assert "epoch 2/4: train loss" in stopped_logs and "epoch 3/4" not in stopped_logs
+    assert "epoch 1/3: train loss" in stopped_logs and "epoch 2/3" not in stopped_logs
     # `ray job stop` sends SIGTERM: the job ends the run as on Ctrl-C, giving its resources
     # back at once (the resubmission would otherwise wait minutes for Ray to release them)
     assert "stop requested (SIGTERM): ending the run cleanly" in stopped_logs
-    assert history["resumed_from_epoch"].tolist() == [0, 0, 2, 3]
-    assert not set(history["worker_pids"].iloc[2]) & set(history["worker_pids"].iloc[1])
+    assert history["resumed_from_epoch"].tolist() == [0, 1, 2]
+    assert not set(history["worker_pids"].iloc[1]) & set(history["worker_pids"].iloc[0])
     # `ray job logs` of the second submission: its epochs only, its end and the run's place
-    assert "epoch 3/4: train loss" in logs and "epoch 4/4: train loss" in logs
-    assert "epoch 2/4" not in logs and "finished epoch 4: val Dice" in logs
+    assert "epoch 2/3: train loss" in logs and "epoch 3/3: train loss" in logs
+    assert "epoch 1/3" not in logs and "finished epoch 3: val Dice" in logs
     assert f"run:         {trained_run.run_dir.target}" in logs
 
 
@@ -123,11 +123,11 @@ def test_the_finished_run_calibrated_its_best_checkpoint(trained_run):
 
 def test_rebuild_model_from_checkpoint_alone(trained_run, four_class_uri):
     run_dir = trained_run.run_dir
-    model, loaded, state = load_checkpoint(run_dir / "epoch_0004")
-    assert loaded.epochs == 4 and state["epoch"] == 4
+    model, loaded, state = load_checkpoint(run_dir / "epoch_0003")
+    assert loaded.epochs == 3 and state["epoch"] == 3
     assert loaded.data == locate(four_class_uri, "data").target  # the bucket, its endpoint
     assert set(state) == {"model", "config", "epoch", "metrics"}  # no optimizer read to predict
-    whole = read_state(run_dir / "epoch_0004")
+    whole = read_state(run_dir / "epoch_0003")
     assert {"model", "optimizer", "scheduler", "scaler", "epoch", "config"} <= set(whole)
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 32, 160)).shape == (1, 4, 32, 160)
@@ -136,7 +136,7 @@ def test_rebuild_model_from_checkpoint_alone(trained_run, four_class_uri):
 def test_the_run_lives_wholly_in_the_bucket(trained_run, s3):
     keys = s3.keys("runs/run/")
     checkpoints = {k.split("/")[2] for k in keys if k.endswith("/model.pt")}
-    assert len(checkpoints) == 3 and "epoch_0004" in checkpoints  # 3 kept, the best and latest
+    assert len(checkpoints) == 2 and "epoch_0003" in checkpoints  # 2 kept, the best and latest
     assert {"runs/run/history.jsonl", "runs/run/split.parquet"} <= set(keys)
     events = [k for k in keys if k.startswith("runs/run/tensorboard/events.out.tfevents")]
     assert len(events) >= 3  # the first job's, the submitted job's and its resubmission's
