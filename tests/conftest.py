@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,10 +140,10 @@ H, W = 32, 160
 
 
 def pytest_collection_modifyitems(items):
-    """Every test that needs the Ray cluster, directly or through a fixture, is marked ``ray``,
-    so ``pytest -m "not ray"`` runs the rest."""
+    """Every test that needs the Ray cluster or the sweep (which starts a Ray of its own),
+    directly or through a fixture, is marked ``ray``, so ``pytest -m "not ray"`` runs the rest."""
     for item in items:
-        if "cluster" in getattr(item, "fixturenames", ()):
+        if {"cluster", "background_sweep"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
 
 
@@ -271,6 +272,20 @@ def wait_for_checkpoint(run_dir, epoch: int, timeout_s: float = 300):
     raise AssertionError(f"no checkpoint of epoch {epoch} in {run_dir} after {timeout_s} s")
 
 
+@pytest.fixture(scope="session")
+def background_sweep(easy_dir, s3, tmp_path_factory):
+    """sweeprun.run_sweep in a thread of its own: a Future of its result. Started by the shared
+    train run when the sweep's tests are collected too, so that the two run side by side (about
+    2 minutes less than one after the other on 2 cores); waited for at the end of the session."""
+    from sweeprun import run_sweep
+
+    pool = ThreadPoolExecutor(1)
+    space = tmp_path_factory.mktemp("space") / "space.yaml"
+    future = pool.submit(run_sweep, easy_dir, s3.uri("sweeps"), space)
+    yield future
+    pool.shutdown(wait=True)  # its Ray and processes end with it
+
+
 @dataclass
 class TrainedRun:
     run_dir: Any  # a Location in the bucket
@@ -284,7 +299,7 @@ STOPPED, RESUMED = "steelseg-test-stopped", "steelseg-test-resumed"
 
 
 @pytest.fixture(scope="session")
-def trained_run(cluster, s3, four_class_uri):
+def trained_run(request, cluster, s3, four_class_uri):
     """The run the training, prediction and figure tests share, on the four-class set, data and
     run in the test bucket, 2 workers on the 2 nodes:
     1. the train job submitted with `ray job submit` for 3 epochs, elastic
@@ -297,6 +312,8 @@ def trained_run(cluster, s3, four_class_uri):
 
     from steelseg.runs import best_checkpoint, read_calibration, read_history
 
+    if any("sweep_run" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("background_sweep")  # the sweep runs beside this run
     storage = s3.uri("runs")  # the run lives wholly in the bucket
     run_dir = small_run(four_class_uri, storage).run_dir
     # elastic, 2 CPUs a worker: a node left alone holds one worker and still has a CPU for Ray

@@ -1,101 +1,30 @@
-"""A Ray Tune sweep on the easy set, on the two-node cluster of conftest.py: interrupted with
-SIGINT after two trials, then restored by rerunning with the same name. Its trials train
-smp's U-Net (--arch unet-resnet18); the shared run of conftest.py trains the paper's network."""
+"""A Ray Tune sweep on the easy set, without a cluster (the sweep job starts a local Ray),
+the sweep in the test bucket: interrupted with SIGINT after two trials, then restored by
+rerunning with the same name (sweeprun.py). Its trials train smp's U-Net (--arch
+unet-resnet18); the shared run of conftest.py trains the paper's network."""
 
 import io
 import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
+from sweeprun import LRS, histories, trial_statuses
 
 from steelseg.config import TrainConfig, read_config_file
 from steelseg.errors import SteelsegError
 from steelseg.storage import Location, locate
 from steelseg.training.sweep import search_space
 
-# In this order, one at a time: a learning rate that learns, then one that cannot, which ASHA
-# must stop early; the sweep is interrupted after those two (ASHA's rungs are not part of Tune's
-# saved state, so only trials of one run are compared).
-LRS = [3e-3, 1e-6, 1e-3]
-SPACE_FILE = "lr: {grid: [0.003, 0.000001, 0.001]}\n"
-
-
-def histories(sweep_dir: Location) -> dict[str, str]:
-    found = {}
-    for trial in (sweep_dir / "trials").children():
-        if (trial / "history.jsonl").is_file():
-            found[trial.name] = (trial / "history.jsonl").read_text()
-    return found
-
 
 def read_csv(file: Location) -> pd.DataFrame:
     return pd.read_csv(io.BytesIO(file.read_bytes()))
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(3)  # each look reads the sweep state from the store
-
-
-def trial_statuses(sweep_dir: Location) -> dict[str, str]:
-    from ray.tune import ExperimentAnalysis
-
-    if not any(c.name.startswith("experiment_state-") for c in sweep_dir.children()):
-        return {}  # not started yet
-    try:
-        analysis = ExperimentAnalysis(sweep_dir.path, storage_filesystem=sweep_dir.fs)
-    except (ValueError, OSError):  # the state file caught while Tune rewrites it: look again
-        return {}
-    return {Path(t.path).name: t.status for t in analysis.trials}
-
-
 @pytest.fixture(scope="module")
-def sweep_run(cluster, easy_dir, s3, tmp_path_factory):
-    """The sweep job run twice, the sweep in the test bucket (the data set local: on this
-    machine both nodes see it): killed (SIGINT) once two trials have finished, then rerun with
-    the same --name. Returns the sweep folder, the state at the interruption and the rerun's
-    output (printed results, then logged messages)."""
-    storage = s3.uri("sweeps")
-    space = tmp_path_factory.mktemp("space") / "space.yaml"
-    space.write_text(SPACE_FILE)
-    # 2 epochs: ASHA's one rung is after the first, by which batches of 2 have given the
-    # learning rate that learns 24 steps
-    argv = [
-        sys.executable, "-m", "ray_jobs.tune", "--search-space", str(space),
-        "--num-samples", "1", "--max-concurrent-trials", "1", "--max-epochs", "2",
-        "--grace-period", "1", "--reduction-factor", "2",
-        "--data", str(easy_dir), "--storage", storage, "--name", "sweep",
-        "--batch-size", "2", "--crop-height", "32", "--crop-width", "96",
-        "--num-workers", "1", "--warmup-steps", "2",
-        "--val-fraction", "0.25", "--log-images", "0", "--keep-checkpoints", "1", "--seed", "1",
-        "--arch", "unet-resnet18",  # half the paper network's step time; the shared run has that
-    ]  # fmt: skip
-    env = {**os.environ, "RAY_ADDRESS": cluster.address}
-    root = Path(__file__).parents[2]
-    sweep_dir = locate(storage, "storage") / "sweep"
-    first = subprocess.Popen(argv, cwd=root, env=env, stdout=subprocess.DEVNULL)
-    try:
-        wait_for(
-            lambda: list(trial_statuses(sweep_dir).values()).count("TERMINATED") == 2,
-            timeout=400,
-            what="two finished trials",
-        )
-        first.send_signal(signal.SIGINT)
-        first.wait(timeout=120)
-    finally:
-        first.kill()
-    at_interruption = trial_statuses(sweep_dir), histories(sweep_dir)
-    rerun = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    return sweep_dir, at_interruption, rerun.stdout + rerun.stderr  # results and messages
+def sweep_run(background_sweep):
+    """The sweep of sweeprun.py (started beside the shared train run when both are collected):
+    the sweep folder, the state at its interruption and the rerun's output."""
+    return background_sweep.result(timeout=1500)
 
 
 def test_sweep_writes_sorted_results_and_asha_stops_the_poor_trials(sweep_run):
