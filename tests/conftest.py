@@ -299,7 +299,7 @@ STOPPED, RESUMED = "steelseg-test-stopped", "steelseg-test-resumed"
 
 
 @pytest.fixture(scope="session")
-def trained_run(request, cluster, s3, four_class_uri):
+def trained_run(request, s3, four_class_uri):
     """The run the training, prediction and figure tests share, on the four-class set, data and
     run in the test bucket, 2 workers on the 2 nodes:
     1. the train job submitted with `ray job submit` for 3 epochs, elastic
@@ -314,6 +314,7 @@ def trained_run(request, cluster, s3, four_class_uri):
 
     if any("sweep_run" in item.fixturenames for item in request.session.items):
         request.getfixturevalue("background_sweep")  # the sweep runs beside this run
+    cluster = request.getfixturevalue("cluster")  # started after the sweep, while it starts
     storage = s3.uri("runs")  # the run lives wholly in the bucket
     run_dir = small_run(four_class_uri, storage).run_dir
     # elastic, 2 CPUs a worker: a node left alone holds one worker and still has a CPU for Ray
@@ -323,10 +324,11 @@ def trained_run(request, cluster, s3, four_class_uri):
     )
     entrypoint = ["python", "-m", "ray_jobs.train", *train_flags(elastic)]
     # one torch thread a worker, as in the other runs: the two nodes share this machine's 2
-    # cores; and Ray Train's wait for a worker group that cannot start (after a node is lost,
-    # before Ray sees it gone and plans with fewer workers) cut from 60 s to 30 s, not less:
-    # with the sweep beside it on the same 2 cores, a group that can start starts slower
-    env_vars = {"OMP_NUM_THREADS": "1", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"}
+    # cores; and Ray Train's wait for the placement group of a worker group cut from 60 s to
+    # 10 s: when a worker fails as its node is ended, Ray has not yet seen the node gone (3 s),
+    # so Train first asks for 2 workers again and waits this long before it plans with 1 (a
+    # wait that times out is retried, never a failure of the run)
+    env_vars = {"OMP_NUM_THREADS": "1", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
     submit = ["submit", "--working-dir", ".", "--no-wait",
               "--runtime-env-json", json.dumps({"env_vars": env_vars})]  # fmt: skip
     started = cluster.job(*submit, "--submission-id", STOPPED, "--", *entrypoint)
