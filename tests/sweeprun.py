@@ -90,8 +90,9 @@ def run_sweep(data: Path, storage: str, space: Path) -> tuple[Location, tuple, s
     ]  # fmt: skip
     # short: Ray's unix sockets live below it, and their paths may not pass 107 bytes
     folder = Path(tempfile.mkdtemp(prefix="steelseg-sweep-", dir="/tmp"))
-    env = {**os.environ, "RAY_TMPDIR": str(folder), "RAY_enable_metrics_collection": "0",
-           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}  # as on the test cluster (raynodes.py)
+    env = {**os.environ, "RAY_TMPDIR": str(folder)}
+    # as on the test cluster (raynodes.py)
+    env |= {"RAY_enable_metrics_collection": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     for name in ("RAY_ADDRESS", "RAY_AUTH_MODE"):  # no cluster: the job starts its own Ray
         env.pop(name, None)
     root = Path(__file__).parents[1]

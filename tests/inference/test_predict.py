@@ -28,14 +28,17 @@ VAL_IMAGES = 24
 
 
 @pytest.fixture(scope="module")
-def run_dir(trained_run) -> Path:
+def run_dir(trained_run, request) -> Path:
+    """The shared run. The predict jobs that run as processes of their own start here, as soon
+    as the run is there (``predict_jobs``)."""
+    request.getfixturevalue("predict_jobs")
     return trained_run.run_dir
 
 
 @pytest.fixture(scope="module")
-def val_images(run_dir, tmp_path_factory) -> Path:
+def val_images(trained_run, tmp_path_factory) -> Path:
     """The run's validation images alone in a local folder."""
-    split = runs.read_split(run_dir)
+    split = runs.read_split(trained_run.run_dir)
     folder = tmp_path_factory.mktemp("val") / "images"
     folder.mkdir()
     for path in split.loc[split["split"] == "val", "path"]:  # in the bucket
@@ -54,42 +57,63 @@ def submission_path(tmp_path: Path) -> Path:
     return tmp_path / "out" / "submission.csv"
 
 
+PLAIN = "steelseg-test-plain-predict"
+
+
+@dataclasses.dataclass
+class PredictJobs:
+    plain: str  # the URI of the submission the plain job writes
+    strict: subprocess.Popen  # the strict job
+    strict_out: Path  # where the strict job would write its submission
+
+
 @pytest.fixture(scope="module")
-def plain_submission(cluster, run_dir, val_images_uri, s3) -> str:
-    """The predict job submitted with `ray job submit` on the run's validation images,
-    uncalibrated, 2 actors, images and submission in the bucket; returns the submission's URI."""
+def predict_jobs(cluster, trained_run, val_images, val_images_uri, s3, tmp_path_factory):
+    """This module's two predict jobs that run as processes of their own, both started at once
+    and waited for by the tests that check them, so that they run beside the tests that predict
+    in this process (each of which mostly waits for Ray's actors to start):
+
+    - plain: the predict job submitted with `ray job submit` on the run's validation images,
+      uncalibrated, 2 actors, images and submission in the bucket;
+    - strict: the predict job as a user runs it on a machine with a `ray start` cluster
+      (without RAY_ADDRESS it finds the cluster that ray start recorded, and attaches to it),
+      with flip TTA and ``--strict``, on 3 validation images and an unreadable one."""
     out = s3.uri("submissions/plain.csv")
     argv = ["python", "-m", "ray_jobs.predict", "--images", val_images_uri, "--out", out,
-            "--no-progress", "--uncalibrated", "--checkpoint", run_dir.target, "--actors", "2",
-            "--batch-size", "3"]  # fmt: skip
-    job = cluster.job("submit", "--working-dir", ".", "--", *argv)
+            "--no-progress", "--uncalibrated", "--checkpoint", trained_run.run_dir.target,
+            "--actors", "2", "--batch-size", "3"]  # fmt: skip
+    job = cluster.job("submit", "--working-dir", ".", "--no-wait", "--submission-id", PLAIN,
+                      "--", *argv)  # fmt: skip
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-    assert "wrote s3://steelseg/submissions/plain.csv: 24 images" in job.stdout  # ray job logs
-    return out
+
+    folder = tmp_path_factory.mktemp("strict") / "images"
+    folder.mkdir()
+    for image in sorted(val_images.iterdir())[:3]:
+        shutil.copy(image, folder)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    strict_out = folder.parent / "strict.csv"
+    strict = subprocess.Popen(
+        [sys.executable, "ray_jobs/predict.py", "--checkpoint", trained_run.run_dir.target,
+         "--images", str(folder), "--out", str(strict_out), "--strict", "--tta",
+         "--no-progress"],
+        cwd=Path(__file__).parents[2], env={**cluster.env, "RAY_TMPDIR": str(cluster.tmp)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        yield PredictJobs(out, strict, strict_out)
+    finally:
+        strict.kill()  # if a test did not wait for it; its actors end with the cluster
+        strict.communicate()
 
 
-def test_predict_and_evaluate_agree_with_the_runs_validation_score(
-    run_dir, val_images_uri, four_class_uri, plain_submission, s3, capsys
-):
-    submission = pd.read_csv(io.BytesIO(s3.read("submissions/plain.csv")), keep_default_na=False)
-    assert list(submission.columns) == ["ImageId", "EncodedPixels", "ClassId"]
-    assert len(submission) == 4 * VAL_IMAGES
-    by_image = submission.groupby("ImageId")["ClassId"].apply(list)
-    assert (by_image == [[1, 2, 3, 4]] * VAL_IMAGES).all()
-
-    capsys.readouterr()
-    truth = (locate(four_class_uri, "data") / "train.csv").target  # all three in the bucket
-    code = steelseg(["evaluate", "--truth", truth, "--images", val_images_uri,
-                     "--submission", plain_submission, "--json"])  # fmt: skip
-    assert code == 0
-    scores = json.loads(capsys.readouterr().out)
-    history = runs.read_history(run_dir).set_index("epoch")
-    best_epoch = int(runs.best_checkpoint(run_dir).name.split("_")[1])
-    expected = history.loc[best_epoch]
-    # the same model, images (padded alike) and threshold as the run's validation at that epoch
-    assert scores["kaggle_dice"] == pytest.approx(expected["val_kaggle_dice"], abs=0.01)
-    assert scores["empty_baseline"] == pytest.approx(expected["val_empty_baseline"])
-    assert scores["kaggle_dice"] > scores["empty_baseline"]
+@pytest.fixture(scope="module")
+def plain_submission(cluster, predict_jobs) -> str:
+    """The plain predict job, finished; returns its submission's URI."""
+    status = cluster.wait_for_job(PLAIN)
+    logs = cluster.job("logs", PLAIN).stdout
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert "wrote s3://steelseg/submissions/plain.csv: 24 images" in logs
+    return predict_jobs.plain
 
 
 def predict_to(out: Path, *args, **kwargs) -> pd.DataFrame:
@@ -173,29 +197,38 @@ def test_real_size_images_are_predicted_at_full_size(run_dir, real_dir, tmp_path
     assert (found & ~bar.astype(bool)).sum() < bar.sum()
 
 
-def test_strict_prediction_with_tta_writes_nothing_for_an_unreadable_image(
-    cluster, run_dir, val_images, tmp_path
+def test_predict_and_evaluate_agree_with_the_runs_validation_score(
+    run_dir, val_images_uri, four_class_uri, plain_submission, s3, capsys
 ):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for image in sorted(val_images.iterdir())[:3]:
-        shutil.copy(image, folder)
-    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    out = tmp_path / "strict.csv"
-    # the predict job as a user runs it on a machine with a `ray start` cluster: without
-    # RAY_ADDRESS it finds the cluster that ray start recorded, and attaches to it
-    env = {**cluster.env, "RAY_TMPDIR": str(cluster.tmp)}
-    job = subprocess.run(
-        [sys.executable, "ray_jobs/predict.py", "--checkpoint", run_dir.target, "--images",
-         str(folder), "--out", str(out), "--strict", "--tta", "--no-progress"],
-        cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert job.returncode == 1
-    err = job.stderr.strip().splitlines()
+    submission = pd.read_csv(io.BytesIO(s3.read("submissions/plain.csv")), keep_default_na=False)
+    assert list(submission.columns) == ["ImageId", "EncodedPixels", "ClassId"]
+    assert len(submission) == 4 * VAL_IMAGES
+    by_image = submission.groupby("ImageId")["ClassId"].apply(list)
+    assert (by_image == [[1, 2, 3, 4]] * VAL_IMAGES).all()
+
+    capsys.readouterr()
+    truth = (locate(four_class_uri, "data") / "train.csv").target  # all three in the bucket
+    code = steelseg(["evaluate", "--truth", truth, "--images", val_images_uri,
+                     "--submission", plain_submission, "--json"])  # fmt: skip
+    assert code == 0
+    scores = json.loads(capsys.readouterr().out)
+    history = runs.read_history(run_dir).set_index("epoch")
+    best_epoch = int(runs.best_checkpoint(run_dir).name.split("_")[1])
+    expected = history.loc[best_epoch]
+    # the same model, images (padded alike) and threshold as the run's validation at that epoch
+    assert scores["kaggle_dice"] == pytest.approx(expected["val_kaggle_dice"], abs=0.01)
+    assert scores["empty_baseline"] == pytest.approx(expected["val_empty_baseline"])
+    assert scores["kaggle_dice"] > scores["empty_baseline"]
+
+
+def test_strict_prediction_with_tta_writes_nothing_for_an_unreadable_image(cluster, predict_jobs):
+    _, stderr = predict_jobs.strict.communicate(timeout=600)
+    assert predict_jobs.strict.returncode == 1
+    err = stderr.strip().splitlines()
     attached = f"attached to the running Ray cluster at {cluster.address} (started with ray start)"
     assert attached in err, err
     assert err[-1].startswith("steelseg: error: 1 unreadable image") and "broken.jpg" in err[-1]
-    assert not out.exists()
+    assert not predict_jobs.strict_out.exists()
 
 
 @pytest.mark.parametrize(("height", "width"), [(64, 96), (50, 70)])
