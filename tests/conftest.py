@@ -140,11 +140,16 @@ H, W = 32, 160
 
 
 def pytest_collection_modifyitems(items):
-    """Every test that needs the Ray cluster or the sweep (which starts a Ray of its own),
-    directly or through a fixture, is marked ``ray``, so ``pytest -m "not ray"`` runs the rest."""
+    """Every test that needs the Ray cluster, the shared run or the sweep (which starts a Ray of
+    its own), directly or through a fixture, is marked ``ray``, so ``pytest -m "not ray"`` runs
+    the rest; and those tests run last, so that the rest run while the shared run and the sweep
+    train in the background (``start_the_ray_runs``)."""
+    uses_ray = []
     for item in items:
-        if {"cluster", "background_sweep"} & set(getattr(item, "fixturenames", ())):
+        if {"cluster", "trained_run", "background_sweep"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
+            uses_ray.append(item)
+    items[:] = [item for item in items if item not in uses_ray] + uses_ray
 
 
 @pytest.fixture(scope="session")
@@ -274,9 +279,10 @@ def wait_for_checkpoint(run_dir, epoch: int, timeout_s: float = 300):
 
 @pytest.fixture(scope="session")
 def background_sweep(easy_dir, s3, tmp_path_factory):
-    """sweeprun.run_sweep in a thread of its own: a Future of its result. Started by the shared
-    train run when the sweep's tests are collected too, so that the two run side by side (80 s
-    less than one after the other here: 412 s against 491); waited for at the session's end."""
+    """sweeprun.run_sweep in a thread of its own: a Future of its result. Started with the
+    session's first test (start_the_ray_runs), before the shared run when that is selected too,
+    so that the two run side by side (80 s less than one after the other when measured: 412 s
+    against 491); waited for at the session's end."""
     from sweeprun import run_sweep
 
     pool = ThreadPoolExecutor(1)
@@ -298,8 +304,7 @@ class TrainedRun:
 STOPPED, RESUMED = "steelseg-test-stopped", "steelseg-test-resumed"
 
 
-@pytest.fixture(scope="session")
-def trained_run(request, s3, four_class_uri):
+def train_shared_run(cluster, s3, four_class_uri: str) -> TrainedRun:
     """The run the training, prediction and figure tests share, on the four-class set, data and
     run in the test bucket, 2 workers on the 2 nodes:
     1. the train job submitted with `ray job submit` for 3 epochs, elastic
@@ -312,9 +317,6 @@ def trained_run(request, s3, four_class_uri):
 
     from steelseg.runs import best_checkpoint, read_calibration, read_history
 
-    if any("sweep_run" in item.fixturenames for item in request.session.items):
-        request.getfixturevalue("background_sweep")  # the sweep runs beside this run
-    cluster = request.getfixturevalue("cluster")  # started after the sweep, while it starts
     storage = s3.uri("runs")  # the run lives wholly in the bucket
     run_dir = small_run(four_class_uri, storage).run_dir
     # elastic, 2 CPUs a worker: a node left alone holds one worker and still has a CPU for Ray
@@ -358,3 +360,35 @@ def trained_run(request, s3, four_class_uri):
         cluster.add_node()
         cluster.wait_for_nodes(2)
     return TrainedRun(run_dir, before, ended_node, submitted, calibration)
+
+
+@pytest.fixture(scope="session")
+def background_run(request, s3, four_class_uri):
+    """train_shared_run in a thread of its own: a Future of its TrainedRun. The sweep starts
+    first when its tests are selected too, then the test cluster (in this thread: the test
+    process attaches to it), then the run; waited for at the session's end."""
+    if any("sweep_run" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("background_sweep")  # the sweep runs beside this run
+    cluster = request.getfixturevalue("cluster")
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(train_shared_run, cluster, s3, four_class_uri)
+    yield future
+    pool.shutdown(wait=True)
+
+
+@pytest.fixture(scope="session")
+def trained_run(background_run) -> TrainedRun:
+    """The shared run (train_shared_run), once it has finished."""
+    return background_run.result(timeout=1800)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def start_the_ray_runs(request):
+    """The shared run and the sweep, when tests that use them are selected, start with the
+    session's first test: the tests without Ray, which run first, run beside them (each of the
+    two Ray runs mostly waits for its actors to start, one after another)."""
+    wanted = {name for item in request.session.items for name in item.fixturenames}
+    if "trained_run" in wanted:
+        request.getfixturevalue("background_run")
+    elif "sweep_run" in wanted:
+        request.getfixturevalue("background_sweep")

@@ -117,6 +117,9 @@ class LocalCluster:
         # no actor watching for spot-instance preemption notices beside each worker group:
         # none come here, and each is one more process to start on the 2 cores
         self.env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+        # no idle workers started for the first driver (this test process) before it needs
+        # any: unused, they were ended again half a minute later
+        self.env["RAY_prestart_worker_first_driver"] = "0"
         # a node that is ended is seen gone in about 3 s, not 15 (a health check every 3 s, 5
         # failed in a row), as Ray's own tests do; a slow node still has 10 s to answer each
         self.env["RAY_health_check_period_ms"] = "1000"
@@ -175,7 +178,10 @@ class LocalCluster:
         return status
 
     def add_node(self) -> Node:
-        args = [f"--address={self.address}", f"--num-cpus={self.cpus}"]
+        # one log monitor a machine, as `ray start --help` says: the head's reads the log files
+        # of every node here (they share its session folder); a second doubled that work
+        args = [f"--address={self.address}", f"--num-cpus={self.cpus}",
+                "--include-log-monitor=False"]  # fmt: skip
         node = Node(args, self.env, self.folder / f"node{len(self.nodes)}.log")
         self.nodes.append(node)
         return node
