@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,12 +145,10 @@ def pytest_collection_modifyitems(items):
     its own), directly or through a fixture, is marked ``ray``, so ``pytest -m "not ray"`` runs
     the rest; and those tests run last, so that the rest run while the shared run and the sweep
     train in the background (``start_the_ray_runs``)."""
-    uses_ray = []
     for item in items:
         if {"cluster", "trained_run", "background_sweep"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
-            uses_ray.append(item)
-    items[:] = [item for item in items if item not in uses_ray] + uses_ray
+    items.sort(key=lambda item: item.get_closest_marker("ray") is not None)  # stable
 
 
 @pytest.fixture(scope="session")
@@ -277,19 +276,27 @@ def wait_for_checkpoint(run_dir, epoch: int, timeout_s: float = 300):
     raise AssertionError(f"no checkpoint of epoch {epoch} in {run_dir} after {timeout_s} s")
 
 
+@contextmanager
+def in_thread(function, *args):
+    """``function(*args)`` in a thread of its own: a Future of its result, waited for on exit."""
+    pool = ThreadPoolExecutor(1)
+    try:
+        yield pool.submit(function, *args)
+    finally:
+        pool.shutdown(wait=True)
+
+
 @pytest.fixture(scope="session")
 def background_sweep(easy_dir, s3, tmp_path_factory):
     """sweeprun.run_sweep in a thread of its own: a Future of its result. Started with the
     session's first test (start_the_ray_runs), before the shared run when that is selected too,
     so that the two run side by side (80 s less than one after the other when measured: 412 s
-    against 491); waited for at the session's end."""
+    against 491); waited for at the session's end, when its Ray and processes have ended."""
     from sweeprun import run_sweep
 
-    pool = ThreadPoolExecutor(1)
     space = tmp_path_factory.mktemp("space") / "space.yaml"
-    future = pool.submit(run_sweep, easy_dir, s3.uri("sweeps"), space)
-    yield future
-    pool.shutdown(wait=True)  # its Ray and processes end with it
+    with in_thread(run_sweep, easy_dir, s3.uri("sweeps"), space) as future:
+        yield future
 
 
 @dataclass
@@ -363,17 +370,12 @@ def train_shared_run(cluster, s3, four_class_uri: str) -> TrainedRun:
 
 
 @pytest.fixture(scope="session")
-def background_run(request, s3, four_class_uri):
-    """train_shared_run in a thread of its own: a Future of its TrainedRun. The sweep starts
-    first when its tests are selected too, then the test cluster (in this thread: the test
-    process attaches to it), then the run; waited for at the session's end."""
-    if any("sweep_run" in item.fixturenames for item in request.session.items):
-        request.getfixturevalue("background_sweep")  # the sweep runs beside this run
-    cluster = request.getfixturevalue("cluster")
-    pool = ThreadPoolExecutor(1)
-    future = pool.submit(train_shared_run, cluster, s3, four_class_uri)
-    yield future
-    pool.shutdown(wait=True)
+def background_run(cluster, s3, four_class_uri):
+    """train_shared_run in a thread of its own: a Future of its TrainedRun (the test cluster
+    is started first, in the test process's main thread: the test process attaches to it);
+    waited for at the session's end."""
+    with in_thread(train_shared_run, cluster, s3, four_class_uri) as future:
+        yield future
 
 
 @pytest.fixture(scope="session")
@@ -384,11 +386,11 @@ def trained_run(background_run) -> TrainedRun:
 
 @pytest.fixture(scope="session", autouse=True)
 def start_the_ray_runs(request):
-    """The shared run and the sweep, when tests that use them are selected, start with the
-    session's first test: the tests without Ray, which run first, run beside them (each of the
-    two Ray runs mostly waits for its actors to start, one after another)."""
+    """The sweep and the shared run, each when tests that use it are selected, start with the
+    session's first test, the sweep first: the tests without Ray, which run first, run beside
+    them."""
     wanted = {name for item in request.session.items for name in item.fixturenames}
+    if "sweep_run" in wanted:
+        request.getfixturevalue("background_sweep")
     if "trained_run" in wanted:
         request.getfixturevalue("background_run")
-    elif "sweep_run" in wanted:
-        request.getfixturevalue("background_sweep")

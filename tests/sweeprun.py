@@ -1,8 +1,7 @@
 """The sweep that test_sweep.py checks, run as a user runs one without a cluster: the sweep job
 twice, each time starting a local Ray of its own (in a temp folder of the test's,
-``RAY_TMPDIR``), the sweep in the test bucket. conftest.py starts it in a thread beside the
-shared train run: each keeps about one of the 2 cores busy, most of it starting Ray's actors
-one after another.
+``RAY_TMPDIR``), the sweep in the test bucket. conftest.py starts it in a thread, beside the
+shared train run and the tests without Ray.
 
 Whatever a local Ray leaves when its driver ends is ended by its process tree: the processes
 whose environment names that temp folder.

@@ -71,7 +71,7 @@ class PredictJobs:
 def predict_jobs(cluster, trained_run, val_images, val_images_uri, s3, tmp_path_factory):
     """This module's two predict jobs that run as processes of their own, both started at once
     and waited for by the tests that check them, so that they run beside the tests that predict
-    in this process (each of which mostly waits for Ray's actors to start):
+    in this process:
 
     - plain: the predict job submitted with `ray job submit` on the run's validation images,
       uncalibrated, 2 actors, images and submission in the bucket;
@@ -96,7 +96,7 @@ def predict_jobs(cluster, trained_run, val_images, val_images_uri, s3, tmp_path_
         [sys.executable, "ray_jobs/predict.py", "--checkpoint", trained_run.run_dir.target,
          "--images", str(folder), "--out", str(strict_out), "--strict", "--tta",
          "--no-progress"],
-        cwd=Path(__file__).parents[2], env={**cluster.env, "RAY_TMPDIR": str(cluster.tmp)},
+        cwd=Path(__file__).parents[2], env=cluster.env,  # RAY_TMPDIR: the cluster's
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
