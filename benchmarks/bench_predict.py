@@ -24,15 +24,13 @@ from common import record
 from steelseg.config import TrainConfig
 from steelseg.data import rle
 from steelseg.inference.postprocess import Rules
-from steelseg.inference.predict import probability_tensor
+from steelseg.inference.predict import prepare, probability_tensor
 from steelseg.training import recipe
 
 
 def bare(device: torch.device, batch: int, batches: int, tta: bool, height: int, width: int):
     torch.manual_seed(0)
-    model = recipe.build_model(TrainConfig()).to(device).eval()
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = prepare(recipe.build_model(TrainConfig()), device)  # as a prediction actor does
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (batch, height, width, 3), dtype=np.uint8)
     rules = Rules.plain(0.5)

@@ -44,7 +44,7 @@ def probability_tensor(
     x, _ = inputs.to_inputs(
         {"image": torch.from_numpy(batch), "mask": torch.zeros(batch.shape[:3], dtype=torch.uint8)},
         device,
-        channels_last=device.type == "cuda",
+        channels_last=inputs.prefers_channels_last(device, amp=True),
     )
     total = None
     for dims in flips(tta):
@@ -228,9 +228,12 @@ def to_submission(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def prepare(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """The model in eval mode on ``device``, channels_last on CUDA like its inputs."""
+    """The model in eval mode on ``device``, in the layout its inputs get
+    (``inputs.prefers_channels_last``; prediction autocasts on a GPU)."""
     model = model.to(device).eval()
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+    if inputs.prefers_channels_last(device, amp=True):
+        return model.to(memory_format=torch.channels_last)
+    return model
 
 
 def device_for(use_gpu: bool | None) -> torch.device:

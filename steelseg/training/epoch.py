@@ -8,7 +8,7 @@ from torch import nn
 
 from steelseg.domain import N_CLASSES
 from steelseg.evaluation.metrics import DiceCounts
-from steelseg.model.inputs import autocast, forward_padded, to_inputs
+from steelseg.model.inputs import autocast, forward_padded, prefers_channels_last, to_inputs
 
 
 def train_one_epoch(
@@ -30,12 +30,12 @@ def train_one_epoch(
     0-d tensor on the device: reading it (``float``) waits for the device, so a caller reads it
     only when it shows it; the loop itself reads the loss once, at the end. The optimizer steps
     every ``grad_accum`` batches and once more at the end for a remainder, whose gradient is the
-    mean over its own batches. ``channels_last`` (the model's layout; default: with ``amp`` on
-    CUDA) is the layout the inputs are given in.
+    mean over its own batches. ``channels_last`` (the model's layout; default:
+    ``prefers_channels_last``) is the layout the inputs are given in.
     """
     model.train()
     if channels_last is None:
-        channels_last = amp and device.type == "cuda"
+        channels_last = prefers_channels_last(device, amp)
     total, seen, pending = torch.zeros((), device=device), 0, 0
     for i, batch in enumerate(batches):
         x, y = to_inputs(batch, device, channels_last=channels_last)
@@ -87,7 +87,7 @@ def validate_one_epoch(
     prediction) samples for figures."""
     model.eval()
     if channels_last is None:
-        channels_last = amp and device.type == "cuda"
+        channels_last = prefers_channels_last(device, amp)
     counts = DiceCounts(N_CLASSES, device)
     total, seen, samples = torch.zeros((), device=device), 0, []
     for batch in batches:

@@ -23,6 +23,7 @@ from steelseg import runs
 from steelseg.config import TrainConfig
 from steelseg.evaluation.figures import truth_vs_prediction
 from steelseg.evaluation.metrics import DiceCounts
+from steelseg.model.inputs import prefers_channels_last
 from steelseg.training import progress, recipe
 from steelseg.training.epoch import train_one_epoch, validate_one_epoch
 
@@ -58,6 +59,7 @@ class Worker:
         self.steps = recipe.steps_per_epoch(images, world, config.batch_size, config.grad_accum)
         self.device = ray.train.torch.get_device()
         self.amp = config.amp and self.device.type == "cuda"
+        self.channels_last = prefers_channels_last(self.device, self.amp)
         self.sender = progress.Sender(loop_config.get("progress") if self.rank == 0 else None)
         self.tensorboard_staging = ""
         self._set_up()
@@ -93,7 +95,7 @@ class Worker:
         config = self.config
         torch.manual_seed(config.seed)
         self.bare = recipe.build_model(config)
-        if self.amp:
+        if self.channels_last:  # before DDP wraps it: its gradient buckets take these strides
             self.bare = self.bare.to(memory_format=torch.channels_last)
         self.optimizer = recipe.build_optimizer(config, self.bare)
         self.scheduler = recipe.build_scheduler(config, self.optimizer, self.steps * config.epochs)
@@ -140,6 +142,7 @@ class Worker:
             self.scheduler,
             self.device,
             amp=self.amp,
+            channels_last=self.channels_last,
             grad_accum=config.grad_accum,
             on_step=on_step,
         )
@@ -158,6 +161,7 @@ class Worker:
             self.device,
             threshold=self.config.threshold,
             amp=self.amp,
+            channels_last=self.channels_last,
             keep=self.config.log_images if self.rank == 0 else 0,
         )
 

@@ -249,6 +249,22 @@ def test_tta_is_the_mean_of_the_flipped_predictions_flipped_back(height, width):
     assert np.abs(tta - plain).max() > 1e-3  # the views differ, so a no-op TTA would fail
 
 
+def test_prediction_takes_the_cpus_layout_and_gives_the_same_probabilities(monkeypatch):
+    from steelseg.inference.predict import prepare, probabilities
+    from steelseg.model.unet import UNet
+
+    image = np.random.default_rng(0).integers(0, 255, (2, 40, 70, 3), dtype=np.uint8)
+    cpu, found = torch.device("cpu"), {}
+    for capability in ("AVX2", "AVX512"):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        torch.manual_seed(0)
+        model = prepare(UNet(), cpu)
+        weight = model.encoder.conv1.weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) == (capability == "AVX512")
+        found[capability] = probabilities(model, image, cpu)
+    np.testing.assert_allclose(found["AVX512"], found["AVX2"], atol=1e-5)
+
+
 def test_checkpoint_paths_a_run_a_sweep_and_errors(run_dir, tmp_path):
     from steelseg.runs import best_checkpoint, resolve_checkpoint
 

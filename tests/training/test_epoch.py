@@ -163,3 +163,60 @@ def test_class_bits_decode_and_unpack_every_combination():
     unpacked = inputs.unpack_masks(torch.from_numpy(bits)[None])
     assert unpacked.dtype == torch.float32
     np.testing.assert_array_equal(unpacked[0].numpy(), masks)
+
+
+@pytest.mark.parametrize(
+    ("device", "amp", "capability", "expected"),
+    [
+        ("cpu", False, "AVX512", True),
+        ("cpu", True, "AVX512", True),
+        ("cpu", False, "AVX2", False),
+        ("cuda", True, "AVX2", True),  # bf16 on tensor cores, whatever the host
+        ("cuda", False, "AVX512", False),
+    ],
+)
+def test_channels_last_on_a_gpu_with_autocast_and_on_cpus_with_avx512(
+    monkeypatch, device, amp, capability, expected
+):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert inputs.prefers_channels_last(torch.device(device), amp) is expected
+
+
+def sgd_step(batch, layout, channels_last):
+    """One SGD step of the paper network, seeded, kept in ``layout``: (loss, weights, whether
+    the model's input had that layout)."""
+    torch.manual_seed(0)
+    config = TrainConfig()
+    model = recipe.build_model(config).to(memory_format=layout)
+    inputs_in_layout = []
+
+    def look(_, args):
+        inputs_in_layout.append(args[0].is_contiguous(memory_format=layout))
+
+    model.register_forward_pre_hook(look)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    loss_fn, cpu = recipe.build_loss(config), torch.device("cpu")
+    loss, _ = epoch.train_one_epoch(
+        model, [batch], loss_fn, optimizer, scheduler, cpu, channels_last=channels_last
+    )
+    return loss, model.state_dict(), inputs_in_layout == [True]
+
+
+@pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
+def test_a_step_in_either_layout_trains_the_same_and_takes_the_cpus_layout(monkeypatch, capability):
+    """The layout is a speed choice only: one SGD step from the same weights gives the same
+    loss and weights in both (AdamW's first step is the gradient's sign, which float noise
+    flips on gradients near 0); by default the inputs get the CPU's layout."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    bits = np.zeros((2, 32, 64), np.uint8)
+    bits[:, 8:20, 10:40] = 0b0101
+    batch = uint8_batch(2, 32, 64, bits=bits)
+    preferred = torch.channels_last if capability == "AVX512" else torch.contiguous_format
+    other = torch.contiguous_format if capability == "AVX512" else torch.channels_last
+    default_loss, default_weights, took_it = sgd_step(batch, preferred, channels_last=None)
+    assert took_it, "the default did not give the inputs the CPU's layout"
+    loss, weights, _ = sgd_step(batch, other, channels_last=other is torch.channels_last)
+    assert loss == pytest.approx(default_loss, rel=1e-5)
+    for name, value in default_weights.items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=name)
