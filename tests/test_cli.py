@@ -161,3 +161,24 @@ def test_sigterm_is_taken_as_ctrl_c_so_ray_ends_the_run_cleanly():
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
     assert interrupted == [True]
+
+
+def test_a_run_barely_above_predicting_nothing_is_told_what_it_takes():
+    import pandas as pd
+
+    from steelseg.cli.training import near_empty_note
+
+    history = pd.DataFrame({
+        "epoch": [1, 2, 3], "train_images": [256, 256, 256],
+        "val_kaggle_dice": [0.8555, 0.8586, 0.8524], "val_empty_baseline": [0.8555] * 3,
+    })  # fmt: skip
+    note = near_empty_note(history, pretrained="")
+    assert note.startswith("note: the best epoch is +0.003 over predicting no defect anywhere")
+    assert "from random weights the network needs" in note
+    assert note.endswith("than this run's 768 images (README, Recipe), or --pretrained imagenet")
+    pretrained = near_empty_note(history, pretrained="imagenet")
+    assert "the network needs" in pretrained and "random" not in pretrained
+    assert "--pretrained" not in pretrained
+    history.loc[1, "val_kaggle_dice"] = 0.8555 + 0.03  # a run that learned: nothing to say
+    assert near_empty_note(history, pretrained="") is None
+    assert near_empty_note(history.iloc[:0], pretrained="") is None

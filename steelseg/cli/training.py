@@ -29,7 +29,30 @@ Every training flag sets the base config of all trials. Rerunning with the same 
 """
 
 
+# a best val Dice this close to predicting no defect anywhere is not yet a model: say so
+NEAR_EMPTY = 0.01
+
+
+def near_empty_note(history, pretrained: str) -> str | None:
+    """A line for a run whose best epoch is within NEAR_EMPTY of the all-empty baseline (the
+    demo on a CPU is one), saying what it takes; None for a run that learned."""
+    if history.empty:
+        return None
+    best = history.loc[history["val_kaggle_dice"].idxmax()]
+    gain = best["val_kaggle_dice"] - best["val_empty_baseline"]
+    if gain >= NEAR_EMPTY:
+        return None
+    images = int(history["train_images"].sum())  # over all epochs
+    start = "the network" if pretrained else "from random weights the network"
+    return (
+        f"note: the best epoch is {gain:+.3f} over predicting no defect anywhere, not yet a model "
+        f"that finds defects: {start} needs more training than this run's {images:,} images "
+        "(README, Recipe)" + ("" if pretrained else ", or --pretrained imagenet")
+    )
+
+
 def train(args: argparse.Namespace) -> int:
+    from steelseg import runs
     from steelseg.cli.progress import Display
     from steelseg.training.fit import fit
 
@@ -47,6 +70,9 @@ def train(args: argparse.Namespace) -> int:
             f"finished epoch {metrics['epoch']}: val Dice {metrics['val_kaggle_dice']:.4f} "
             f"(all-empty baseline {metrics['val_empty_baseline']:.4f})"
         )
+        note = near_empty_note(runs.read_history(run_dir), config.pretrained)
+        if note:
+            print(note)
     best = result.best_checkpoint
     where = run_dir.target
     print(f"run:         {where}")
