@@ -65,6 +65,9 @@ def init_ray(num_cpus: int, *, verbose: bool = False, progress_bars: bool = Fals
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress_bars
     context.print_on_execution_start = False
+    # as ray.init's logging_level below, which does not reach Ray Data's loggers: they have
+    # handlers of their own, and print each execution in this driver (prediction) at INFO
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.ERROR)
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
     address = _init(num_cpus, verbose)

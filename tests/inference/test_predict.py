@@ -113,6 +113,7 @@ def plain_submission(cluster, predict_jobs) -> str:
     logs = cluster.job("logs", PLAIN).stdout
     assert status == "SUCCEEDED", logs[-3000:]
     assert "wrote s3://steelseg/submissions/plain.csv: 24 images" in logs
+    assert "execution finished" not in logs  # none of Ray Data's INFO lines
     return predict_jobs.plain
 
 
