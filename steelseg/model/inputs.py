@@ -20,7 +20,7 @@ EXTRA_MEAN, EXTRA_STD = 0.5, 0.25
 def prefers_channels_last(device: torch.device, amp: bool) -> bool:
     """Whether the model and its inputs are kept channels_last on ``device``: on CUDA with bf16
     autocast (tensor cores), and on CPUs with AVX-512, where oneDNN's NHWC convolutions were
-    6-21% faster for both networks, training and prediction, while on an AVX2 CPU they were
+    4-21% faster for both networks, training and prediction, while on an AVX2 CPU they were
     26-28% slower (README, Performance). The only place this is decided."""
     if device.type == "cuda":
         return amp
