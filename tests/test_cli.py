@@ -163,22 +163,35 @@ def test_sigterm_is_taken_as_ctrl_c_so_ray_ends_the_run_cleanly():
     assert interrupted == [True]
 
 
-def test_a_run_barely_above_predicting_nothing_is_told_what_it_takes():
-    import pandas as pd
+@pytest.mark.parametrize(("pretrained", "best"), [("", 0.8586), ("imagenet", 0.8586), ("", 0.89)])
+def test_a_run_barely_above_predicting_nothing_ends_saying_what_it_takes(
+    tmp_path, monkeypatch, capsys, pretrained, best
+):
+    """`steelseg train` as it ends, on a finished run's history (training itself stubbed)."""
+    from steelseg import runs
+    from steelseg.storage import locate
+    from steelseg.training import fit as fitting
 
-    from steelseg.cli.training import near_empty_note
-
-    history = pd.DataFrame({
-        "epoch": [1, 2, 3], "train_images": [256, 256, 256],
-        "val_kaggle_dice": [0.8555, 0.8586, 0.8524], "val_empty_baseline": [0.8555] * 3,
-    })  # fmt: skip
-    note = near_empty_note(history, pretrained="")
+    run_dir = locate(tmp_path / "run", "storage")
+    run_dir.mkdir()
+    for epoch, score in enumerate([0.8555, best, 0.8524], start=1):
+        metrics = {"epoch": epoch, "train_images": 256, "val_kaggle_dice": score,
+                   "val_empty_baseline": 0.8555}  # fmt: skip
+        runs.append_history(run_dir, metrics)
+    finished = fitting.FitResult(run_dir, metrics=metrics)
+    monkeypatch.setattr(fitting, "fit", lambda config, **kwargs: finished)
+    argv = ["train", "--data", str(tmp_path), "--storage", str(tmp_path)]
+    assert main(argv + (["--pretrained", pretrained] if pretrained else [])) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    if best > 0.8555 + 0.01:  # a run that learned: nothing to say
+        assert notes == []
+        return
+    (note,) = notes
     assert note.startswith("note: the best epoch is +0.003 over predicting no defect anywhere")
-    assert "from random weights the network needs" in note
-    assert note.endswith("than this run's 768 images (README, Recipe), or --pretrained imagenet")
-    pretrained = near_empty_note(history, pretrained="imagenet")
-    assert "the network needs" in pretrained and "random" not in pretrained
-    assert "--pretrained" not in pretrained
-    history.loc[1, "val_kaggle_dice"] = 0.8555 + 0.03  # a run that learned: nothing to say
-    assert near_empty_note(history, pretrained="") is None
-    assert near_empty_note(history.iloc[:0], pretrained="") is None
+    assert "than this run's 768 images (README, Recipe)" in note
+    if pretrained:
+        assert "the network needs" in note and "random" not in note
+        assert "--pretrained" not in note
+    else:
+        assert "from random weights the network needs" in note
+        assert note.endswith(", or --pretrained imagenet")
