@@ -111,7 +111,7 @@ def run_recipe(name, overrides, data, args, device, seed):
         random_batch(rng, train_images, train_bits, args.batch, args.crop) for _ in range(total)
     )
     start = time.perf_counter()
-    loss_sum, seen = epoch.train_one_epoch(
+    loss_sum, seen, _ = epoch.train_one_epoch(
         model, batches, loss_fn, optimizer, scheduler, device, amp=device.type == "cuda"
     )
     seconds = time.perf_counter() - start

@@ -146,6 +146,12 @@ class TrainConfig:
     threshold: float = setting(
         0.5, "probability above which a pixel counts as defect in val Dice", "recipe"
     )
+    sync_bn: bool = setting(
+        False,
+        "SyncBatchNorm: BatchNorm statistics over every rank's batch, for small batches per GPU "
+        "(needs use_gpu)",
+        "recipe",
+    )
     seed: int = setting(0, "seed of the split, shuffles, augmentation and initialisation", "recipe")
     amp: bool = setting(True, "bf16 autocast and channels_last on GPU", "recipe")
 
@@ -218,6 +224,8 @@ class TrainConfig:
             _bad("checkpoint_upload", "must be async or sync", self.checkpoint_upload)
         if self.dice_over not in DICE_OVER:
             _bad("dice_over", f"must be {' or '.join(DICE_OVER)}", self.dice_over)
+        if self.sync_bn and not self.use_gpu:  # torch's SyncBatchNorm runs on GPUs only
+            _bad("sync_bn", "needs use_gpu", self.sync_bn)
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
             _bad(
                 "placement_strategy",

@@ -11,11 +11,15 @@ A training run, ``<storage>/<name>/``::
     epoch_NNNN/training_state.pt  optimizer, scheduler and step, for a resume
     epoch_NNNN/postprocess.json the calibrated post-processing rules of that checkpoint
     history.jsonl               every epoch's metrics, one JSON line each
-    split.parquet               the catalog with each image's split (train or val)
+    split.parquet               the catalog with each image's split (train or val): made by the
+                                run's first start, kept by its resumes
+    data_check.json             the data set's listing fingerprint when its images were last
+                                decoded in full, and the images that passed
     tensorboard/                the curves and validation figures
 
 A sweep, ``<storage>/<name>/``: ``trials/<trial>/`` is each trial's training run,
-``results.csv`` the trials sorted by val Dice, ``best_config.yaml`` the best trial's config and
+``results.csv`` the trials sorted by val Dice, ``data_check.json`` the check of the data set its
+trials share, ``best_config.yaml`` the best trial's config and
 ``best_checkpoint.txt`` the path of its best checkpoint.
 """
 
@@ -44,6 +48,7 @@ MODEL_KEYS = ("model", "config", "epoch", "metrics")
 RULES_FILE = "postprocess.json"
 HISTORY_FILE = "history.jsonl"
 SPLIT_FILE = "split.parquet"
+DATA_CHECK_FILE = "data_check.json"
 TENSORBOARD_DIR = "tensorboard"
 TRIALS_DIR = "trials"
 RESULTS_FILE = "results.csv"
@@ -242,6 +247,28 @@ def read_split(run: Where, which: str | None = None) -> pd.DataFrame:
     if which is not None:
         table = table[table["split"] == which].reset_index(drop=True)
     return table
+
+
+def has_split(run: Where) -> bool:
+    return (locate(run, "run") / SPLIT_FILE).is_file()
+
+
+def read_data_check(place: Where) -> dict | None:
+    """The data check recorded in a run's or a sweep's folder (``write_data_check``), or None."""
+    file = locate(place, "run") / DATA_CHECK_FILE
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError:  # cut short: as if never checked
+        return None
+
+
+def write_data_check(place: Where, fingerprint: str, images: list[str], dropped: int) -> None:
+    """Record that the data set whose listing has ``fingerprint`` was decoded in full, that
+    ``images`` passed and ``dropped`` did not (``--drop-bad``)."""
+    record = {"fingerprint": fingerprint, "images": list(images), "dropped": dropped}
+    (locate(place, "run") / DATA_CHECK_FILE).write_text(json.dumps(record))
 
 
 def tensorboard_dir(run: Where) -> Location:

@@ -60,9 +60,8 @@ def train(args: argparse.Namespace) -> int:
     display = Display(config.epochs)
     result = fit(config, on_progress=display.show, verbose=args.verbose)
     display.finish()
-    if result.error:
-        reason = " ".join(str(result.error).split())
-        print(f"steelseg: error: training failed: {reason}", file=sys.stderr)
+    if result.error:  # one line; the run's checkpoints are kept
+        print(f"steelseg: error: {result.error}", file=sys.stderr)
         return 1
     run_dir, metrics = result.run_dir, result.metrics
     if metrics:

@@ -39,10 +39,10 @@ def augmentation(crop_height: int, crop_width: int, defect_crops: float = 0.0):
     return A.Compose(steps)
 
 
-def batch_seed(seed: int, image_ids: np.ndarray) -> int:
-    """Depends on the batch's images, which the per-epoch shuffle changes: new augmentations
-    every epoch, the same ones in every run with the same seed."""
-    return zlib.crc32(("|".join(map(str, image_ids)) + f"|{seed}").encode())
+def sample_seed(seed: int, epoch: int, sample: int) -> int:
+    """The seed of one row's augmentation in one epoch: new crops every epoch, the same in
+    every run, attempt and resume with the same seed, whatever batch the row lands in."""
+    return zlib.crc32(f"{seed}|{epoch}|{sample}".encode())
 
 
 def augment_batch(
@@ -51,11 +51,17 @@ def augment_batch(
     crop_width: int,
     seed: int,
     defect_crops: float = 0.0,
+    epoch: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Crop, flips and brightness/contrast of ``image`` (B, H, W, C) and ``mask`` (B, H, W)."""
+    """Crop, flips and brightness/contrast of ``image`` (B, H, W, C) and ``mask`` (B, H, W),
+    each row seeded by ``sample_seed`` (``sample``: the rows' places in the training table;
+    their order in the batch without it)."""
     compose = augmentation(crop_height, crop_width, defect_crops)
-    compose.set_random_seed(batch_seed(seed, batch["image_id"]))
-    out = [compose(image=img, mask=msk) for img, msk in zip(batch["image"], batch["mask"])]
+    samples = batch.get("sample", range(len(batch["image"])))
+    out = []
+    for image, mask, sample in zip(batch["image"], batch["mask"], samples):
+        compose.set_random_seed(sample_seed(seed, epoch, int(sample)))
+        out.append(compose(image=image, mask=mask))
     return {
         "image": np.stack([o["image"] for o in out]),
         "mask": np.stack([o["mask"] for o in out]),

@@ -7,6 +7,7 @@ Parquet.
 """
 
 import csv
+import hashlib
 import io
 import os
 from collections import Counter
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 
 from steelseg.data import rle
 from steelseg.data.images import open_image
@@ -27,7 +29,7 @@ from steelseg.domain import (
     SUBMISSION_HEADER,
 )
 from steelseg.errors import RLEError, SteelsegError
-from steelseg.storage import Location, is_uri, locate
+from steelseg.storage import Location, is_uri, locate, reason
 
 HEADERS = (CURRENT_HEADER, ORIGINAL_HEADER, SUBMISSION_HEADER)
 
@@ -376,6 +378,48 @@ def split(
         chosen = rng.permutation(index)[: round(val_fraction * len(index))]
         is_val[chosen] = True
     return table[~is_val].reset_index(drop=True), table[is_val].reset_index(drop=True)
+
+
+def keep_split(
+    table: pd.DataFrame, stored: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame, list[str], list[str]]:
+    """The split a run made (``stored``, with its ``split`` column) applied to the data set as
+    it is now (``table``): an image keeps its side; an image new since then goes to training
+    only, never to validation, so no image crosses from one side to the other mid-run.
+
+    Returns:
+        (train, val, the new images, the images of the stored split that are gone).
+    """
+    sides = dict(zip(stored["image_id"], stored["split"]))
+    table = table.sort_values("image_id").reset_index(drop=True)
+    is_val = table["image_id"].map(sides).eq("val").to_numpy()
+    new = sorted(set(table["image_id"]) - set(sides))
+    gone = sorted(set(sides) - set(table["image_id"]))
+    return table[~is_val].reset_index(drop=True), table[is_val].reset_index(drop=True), new, gone
+
+
+def fingerprint(data_dir: "str | os.PathLike | Location", modalities: Sequence[str]) -> str:
+    """A digest of a data set's listing: train.csv's and every image's name, size and
+    modification time, in every modality's folder. Equal digests: the same files, unchanged
+    (as far as a listing can tell), so a full check of them need not be repeated.
+
+    Raises:
+        SteelsegError: a folder or train.csv cannot be listed.
+    """
+    data = locate(data_dir, "data")
+    digest = hashlib.sha1()
+    places = [data / "train.csv", *(data / modality_dir(m) for m in modalities)]
+    for place in places:
+        try:
+            if place.name == "train.csv":
+                found = [place.fs.get_file_info(place.path)]
+            else:
+                found = place.fs.get_file_info(pafs.FileSelector(place.path, allow_not_found=True))
+        except OSError as e:
+            raise SteelsegError(f"{place}: {reason(e)}") from None
+        for info in sorted(found, key=lambda i: i.path):
+            digest.update(f"{info.path}|{info.size}|{info.mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def write_table(table: pd.DataFrame, path: str | os.PathLike) -> None:

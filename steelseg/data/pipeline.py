@@ -1,16 +1,21 @@
-"""Ray Data pipelines from the catalog table to the Train workers.
+"""Ray Data pipelines from the catalog table to a Train worker, one per rank and epoch.
 
 Rows hold paths and RLE strings; ``map_batches`` reads the JPEGs and decodes the masks into
 uint8 NumPy batches (``image`` (B, H, W, C), ``mask`` (B, H, W) with bit c set for class c + 1,
 so all four classes cost one byte a pixel in the object store); the training set is then
 augmented with albumentations. Floats appear only on the worker (``steelseg.model.inputs``).
 
-Shuffling happens on the table, before decoding, with a seed that changes every epoch but is
-the same in every run, so each epoch sees new batches and new augmentations, repeatably. The
-table (paths and RLE strings, small) is shuffled as one block and then cut into the blocks that
-tasks decode: Ray's shuffle of n blocks makes n x n objects, which cost 0.1 s a block per epoch
-before any image was read (benchmarks/bench_pipeline.py).
+What a rank reads is a function of the seed, the epoch, its rank and the world size alone
+(``train_rows``, ``val_rows``): each epoch the small table of paths is permuted by an
+epoch-seeded generator and cut into equal shares, one a rank (DDP steps together; the few rows
+left over wait for another epoch), and every crop and flip is seeded by the seed, the epoch and
+the row. So a run stopped and resumed at epoch k reads at epoch k exactly what the
+uninterrupted run read, and no epoch costs an all-to-all shuffle of blocks before its first
+image. Validation gives every image to one rank (``val_rows``): the counts are summed across
+ranks afterwards, so the shares need not be equal.
 """
+
+import itertools
 
 import numpy as np
 import pandas as pd
@@ -39,7 +44,10 @@ def read_batch(batch: dict[str, np.ndarray], modalities: list[str]) -> dict[str,
         strings = [batch[c][i] for c in RLE_COLUMNS]
         images.append(image)
         masks.append(rle.decode_bits(strings, height, width, image_id=image_id))
-    return {"image": np.stack(images), "mask": np.stack(masks), "image_id": batch["image_id"]}
+    out = {"image": np.stack(images), "mask": np.stack(masks), "image_id": batch["image_id"]}
+    if "sample" in batch:
+        out["sample"] = batch["sample"]
+    return out
 
 
 def rows_per_block(table: pd.DataFrame) -> int:
@@ -57,9 +65,31 @@ def _columns(table: pd.DataFrame, modalities: list[str]) -> pd.DataFrame:
 
 
 def _from_table(table: pd.DataFrame, modalities: list[str]) -> ray.data.Dataset:
-    n = n_blocks(table)
+    """The rows in order, in blocks of about ``BLOCK_PIXELS``."""
     rows = _columns(table, modalities)
-    return ray.data.from_pandas([rows.iloc[i::n].reset_index(drop=True) for i in range(n)])
+    rows["sample"] = table.index.to_numpy()  # the row's place in the table: seeds its crops
+    bounds = np.linspace(0, len(rows), n_blocks(table) + 1).astype(int)
+    return ray.data.from_pandas([rows.iloc[a:b] for a, b in itertools.pairwise(bounds)])
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of ``n`` training rows in ``epoch`` (0-based): the same for every rank, every
+    attempt and every resume."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def train_rows(table: pd.DataFrame, seed: int, epoch: int, rank: int, world: int) -> pd.DataFrame:
+    """The training rows ``rank`` of ``world`` reads in ``epoch``, in order: an equal share of
+    the epoch's order (``len(table) // world`` rows)."""
+    share = len(table) // world
+    order = epoch_order(len(table), seed, epoch)[rank * share : (rank + 1) * share]
+    return table.reset_index(drop=True).iloc[order]
+
+
+def val_rows(table: pd.DataFrame, rank: int, world: int) -> pd.DataFrame:
+    """The validation rows of ``rank``: every ``world``-th row, so that the ranks together
+    validate every image once."""
+    return table.reset_index(drop=True).iloc[rank::world]
 
 
 def check_crop(config: TrainConfig, table: pd.DataFrame) -> None:
@@ -71,13 +101,18 @@ def check_crop(config: TrainConfig, table: pd.DataFrame) -> None:
         )
 
 
-def train_dataset(table: pd.DataFrame, config: TrainConfig) -> ray.data.Dataset:
-    check_crop(config, table)
-    shuffle_seed = ray.data.RandomSeedConfig(seed=config.seed, reseed_after_execution=True)
+def ordered_context() -> None:
+    """Ray Data in this process keeps the rows in their order (the epoch's, seeded) and draws
+    no progress bars (a Train worker's output is not the user's console)."""
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False
+
+
+def train_dataset(rows: pd.DataFrame, config: TrainConfig, epoch: int) -> ray.data.Dataset:
+    """A rank's training batches of ``epoch`` from its ``train_rows``: read, then augmented."""
     return (
-        ray.data.from_pandas(_columns(table, config.modalities))
-        .random_shuffle(seed=shuffle_seed)
-        .repartition(n_blocks(table))
+        _from_table(rows, config.modalities)
         .map_batches(read_batch, fn_kwargs={"modalities": config.modalities}, batch_size=8)
         .map_batches(
             augment_batch,
@@ -85,6 +120,7 @@ def train_dataset(table: pd.DataFrame, config: TrainConfig) -> ray.data.Dataset:
                 "crop_height": config.crop_height,
                 "crop_width": config.crop_width,
                 "seed": config.seed,
+                "epoch": epoch,
                 "defect_crops": config.defect_crops,
             },
             batch_size=8,
@@ -92,10 +128,10 @@ def train_dataset(table: pd.DataFrame, config: TrainConfig) -> ray.data.Dataset:
     )
 
 
-def val_dataset(table: pd.DataFrame, config: TrainConfig) -> ray.data.Dataset:
-    """Whole images, nothing random."""
+def val_dataset(rows: pd.DataFrame, config: TrainConfig) -> ray.data.Dataset:
+    """A rank's validation batches from its ``val_rows``: whole images, nothing random."""
     return (
-        _from_table(table, config.modalities)
+        _from_table(rows, config.modalities)
         .map_batches(read_batch, fn_kwargs={"modalities": config.modalities}, batch_size=8)
-        .drop_columns(["image_id"])
+        .drop_columns(["image_id", "sample"])
     )

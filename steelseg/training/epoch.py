@@ -1,7 +1,9 @@
 """One training epoch and one validation pass, free of Ray: the Ray Train worker loop, the recipe
 benchmark and the bare-step benchmark all run these same functions."""
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -9,6 +11,15 @@ from torch import nn
 from steelseg.domain import N_CLASSES
 from steelseg.evaluation.metrics import DiceCounts
 from steelseg.model.inputs import autocast, forward_padded, prefers_channels_last, to_inputs
+
+
+class EpochTotals(NamedTuple):
+    """What a training pass adds up: the sum of per-image losses, the images seen and the first
+    batch (0-based) whose loss was not finite, -1 if none."""
+
+    loss_sum: float
+    images: int
+    first_nonfinite_batch: int
 
 
 def train_one_epoch(
@@ -23,32 +34,39 @@ def train_one_epoch(
     channels_last: bool | None = None,
     grad_accum: int = 1,
     on_step: Callable[[int, torch.Tensor, int], None] | None = None,
-) -> tuple[float, int]:
-    """One pass over ``batches``; returns (sum of per-image loss, images seen).
+) -> EpochTotals:
+    """One pass over ``batches``.
 
     ``on_step(batch_index, loss, batch_images)`` is called after every batch with the loss as a
     0-d tensor on the device: reading it (``float``) waits for the device, so a caller reads it
-    only when it shows it; the loop itself reads the loss once, at the end. The optimizer steps
+    only when it shows it; the loop itself reads the loss once, at the end, and with it the
+    first batch whose loss was NaN or infinite (tracked on the device). The optimizer steps
     every ``grad_accum`` batches and once more at the end for a remainder, whose gradient is the
-    mean over its own batches. ``channels_last`` (the model's layout; default:
+    mean over its own batches; a DDP model (one with ``no_sync``) all-reduces gradients only
+    for the batch before a step. ``channels_last`` (the model's layout; default:
     ``prefers_channels_last``) is the layout the inputs are given in.
     """
     model.train()
     if channels_last is None:
         channels_last = prefers_channels_last(device, amp)
     total, seen, pending = torch.zeros((), device=device), 0, 0
-    for i, batch in enumerate(batches):
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    for i, (batch, last) in enumerate(_with_last(batches)):
         x, y = to_inputs(batch, device, channels_last=channels_last)
-        with autocast(device, amp):
-            logits = forward_padded(model, x)
-        loss = loss_fn(logits, y)
-        # scale so accumulated gradients average over the accumulated batches
-        (loss / grad_accum).backward()
+        steps = last or pending + 1 == grad_accum
+        # every rank has as many batches, so all skip the same all-reduces
+        with nullcontext() if steps or not hasattr(model, "no_sync") else model.no_sync():
+            with autocast(device, amp):
+                logits = forward_padded(model, x)
+            loss = loss_fn(logits, y)
+            # scale so accumulated gradients average over the accumulated batches
+            (loss / grad_accum).backward()
         pending += 1
+        loss = loss.detach()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i, first_bad)
         if pending == grad_accum:
             _step(optimizer, scheduler)
             pending = 0
-        loss = loss.detach()
         total += loss * x.shape[0]
         seen += x.shape[0]
         if on_step:
@@ -56,7 +74,18 @@ def train_one_epoch(
     if pending:
         _rescale_gradients(model, grad_accum / pending)
         _step(optimizer, scheduler)
-    return total.item(), seen
+    return EpochTotals(total.item(), seen, int(first_bad.item()))
+
+
+def _with_last(items: Iterable) -> Iterator[tuple[Any, bool]]:
+    """Each item and whether it is the last (one item read ahead)."""
+    items = iter(items)
+    sentinel = object()
+    item = next(items, sentinel)
+    while item is not sentinel:
+        after = next(items, sentinel)
+        yield item, after is sentinel
+        item = after
 
 
 def _rescale_gradients(model: nn.Module, factor: float) -> None:

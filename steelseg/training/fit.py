@@ -17,13 +17,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    CheckpointConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+    TrainingFailedError,
+)
 from ray.train.torch import TorchTrainer
 
 from steelseg import runs
 from steelseg.cluster import check_shared, init_ray, node_count
 from steelseg.config import TrainConfig
 from steelseg.data import catalog, pipeline, sampling, synth
+from steelseg.data.images import path_columns
+from steelseg.domain import RLE_COLUMNS
 from steelseg.errors import SteelsegError
 from steelseg.storage import Location, locate
 from steelseg.training import progress
@@ -63,21 +71,72 @@ def data_folder(config: TrainConfig) -> Location:
 
 
 def load_split(
-    config: TrainConfig, inspect: catalog.Inspect = catalog.inspect_many
+    config: TrainConfig,
+    inspect: catalog.Inspect = catalog.inspect_many,
+    checks: tuple[Location, ...] = (),
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    data = data_folder(config)
+    """The run's split of the data set as it is now.
+
+    The images are decoded in full once: a later start on a data set whose listing is
+    unchanged (``catalog.fingerprint``) reads their headers only, and keeps the images the full
+    check passed. The check is recorded in the run's folder, and looked for there and in
+    ``checks`` (a sweep's folder). The split is made by a run's first start and kept by its
+    resumes (``catalog.keep_split``): images new since then train only, and images that are
+    gone are named.
+    """
+    data, run_dir = data_folder(config), config.run_dir
+    table = checked_table(config, data, inspect, (run_dir, *checks))
+    if len(table) < 2 * config.num_workers:
+        raise SteelsegError(
+            f"{data}: {len(table)} images are too few for {config.num_workers} workers"
+        )
+    if not runs.has_split(run_dir):
+        train, val = catalog.split(table, val_fraction=config.val_fraction, seed=config.seed)
+        runs.write_split(run_dir, train, val)
+        return train, val
+    train, val, new, gone = catalog.keep_split(table, runs.read_split(run_dir))
+    if new:
+        log.info("%d image(s) new since the run's split: they train, never validate", len(new))
+    if gone:
+        more = f" and {len(gone) - 5} more" if len(gone) > 5 else ""
+        log.warning(
+            "image(s) of the run's split gone from %s: %s%s", data, ", ".join(gone[:5]), more
+        )
+    if new or gone:
+        runs.write_split(run_dir, train, val)
+    return train, val
+
+
+def checked_table(
+    config: TrainConfig, data: Location, inspect: catalog.Inspect, records: tuple[Location, ...]
+) -> pd.DataFrame:
+    """``catalog.load`` of the data set: decoded in full unless one of ``records`` (run or
+    sweep folders) holds a check of this very listing, which is then trusted (headers only,
+    and the images that check kept); a full check is recorded in ``records[0]``."""
+    fingerprint = catalog.fingerprint(data, config.modalities)
+    found = (runs.read_data_check(place) for place in records)
+    # a check that dropped images stands only for runs that drop them too
+    record = next(
+        (
+            r
+            for r in found
+            if r and r["fingerprint"] == fingerprint and (config.drop_bad or not r["dropped"])
+        ),
+        None,
+    )
     table = catalog.load(
         data,
         modalities=config.modalities,
         drop_bad=config.drop_bad,
         report=log.warning,
+        decode_images=record is None,
         inspect=inspect,
     )
-    if len(table) < 2 * config.num_workers:
-        raise SteelsegError(
-            f"{data}: {len(table)} images are too few for {config.num_workers} workers"
-        )
-    return catalog.split(table, val_fraction=config.val_fraction, seed=config.seed)
+    if record is not None:
+        return table[table["image_id"].isin(set(record["images"]))].reset_index(drop=True)
+    listed = len(catalog.list_images(data / catalog.modality_dir(config.modalities[0])))
+    runs.write_data_check(records[0], fingerprint, list(table["image_id"]), listed - len(table))
+    return table
 
 
 def inspect_on_nodes(paths: list[str], decode: bool) -> list[catalog.ImageInfo]:
@@ -113,7 +172,7 @@ class FitResult:
     run_dir: Location
     metrics: dict = field(default_factory=dict)  # the last epoch's; empty if none finished
     best_checkpoint: Location | None = None  # the kept checkpoint with the best val Dice
-    error: Exception | None = None  # why the run failed, None if it finished
+    error: SteelsegError | None = None  # why the run failed (one line), None if it finished
     calibration: dict | None = None  # the calibration report of the best checkpoint, if made
 
 
@@ -123,6 +182,7 @@ def fit(
     *,
     on_progress: Callable[[tuple], None] | None = None,
     verbose: bool = False,
+    checks: tuple[Location, ...] = (),
 ) -> FitResult:
     """Train (or resume) the run ``<storage>/<name>``.
 
@@ -130,32 +190,68 @@ def fit(
     ``on_progress``: called on this process with rank 0's progress events
     (``steelseg.training.progress``), e.g. a front end's display.
     ``verbose``: Ray's own logs and the workers' output too, when this call starts Ray.
+    ``checks``: folders besides the run's where a full check of the data set may be recorded
+    (a sweep's, for its trials).
+
+    A run that fails (a worker's error, after ``max_failures`` restarts) or whose loss diverges
+    returns with ``error`` set, its checkpoints kept.
     """
     config = config.resolved()
     if data_folder(config).local:  # a bad data set is found before Ray starts
-        train_table, val_table = load_split(config)
+        train_table, val_table = load_split(config, checks=checks)
         init_ray(cpus_needed(config), verbose=verbose)
     else:  # the images are checked where they are read, on the cluster's nodes
         init_ray(cpus_needed(config), verbose=verbose)
-        train_table, val_table = load_split(config, inspect=inspect_on_nodes)
+        train_table, val_table = load_split(config, inspect=inspect_on_nodes, checks=checks)
+    pipeline.check_crop(config, pd.concat([train_table, val_table]))
     check_paths_on_nodes(config)
-    runs.write_split(config.run_dir, train_table, val_table)
     train_table = sampling.oversample(train_table, config.rare_share)
     relay = progress.Relay(on_progress) if on_progress else None
-    with relay or contextlib.nullcontext():
-        result = build_trainer(config, train_table, val_table, callbacks, relay).fit()
+    try:
+        with relay or contextlib.nullcontext():
+            result = build_trainer(config, train_table, val_table, callbacks, relay).fit()
+    except TrainingFailedError as e:
+        return failed(config, f"training failed: {failure_reason(e)}")
+    metrics = dict(result.metrics or {})
+    if "diverged" in metrics:
+        return failed(config, f"training diverged: {metrics['diverged']}", metrics)
     best = result.get_best_checkpoint(runs.SCORE, "max") if result.best_checkpoints else None
     best = config.run_dir / posixpath.basename(best.path) if best else None
     calibration = None
-    if config.calibrate and best and not result.error:
+    if config.calibrate and best:
         calibration = calibrate_on_cluster(best, config.use_gpu)
     return FitResult(
-        run_dir=config.run_dir,
-        metrics=dict(result.metrics or {}),
-        best_checkpoint=best,
-        error=result.error,
-        calibration=calibration,
+        run_dir=config.run_dir, metrics=metrics, best_checkpoint=best, calibration=calibration
     )
+
+
+def failed(config: TrainConfig, reason: str, metrics: dict | None = None) -> FitResult:
+    """The result of a run that stopped on an error: its kept checkpoints stay, uncalibrated."""
+    kept = runs.kept_checkpoints(config.run_dir)
+    best = runs.best_checkpoint(config.run_dir) if kept else None
+    return FitResult(config.run_dir, metrics or {}, best, SteelsegError(reason))
+
+
+def failure_reason(error: BaseException) -> str:
+    """What went wrong, on one line, from Ray Train's ``TrainingFailedError``: the first failed
+    worker's own error (a steelseg error's message as it is, another error with its type), not
+    Ray's wrapper with its traceback."""
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        error = failures[min(failures)]
+    error = getattr(error, "controller_failure", error)
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        # Ray's task errors keep the task's exception as ``cause``
+        error = getattr(error, "cause", None) or error.__cause__
+    steelseg = [e for e in chain if isinstance(e, SteelsegError)]
+    root = steelseg[-1] if steelseg else chain[-1]
+    lines = [line for line in str(root).splitlines() if line.strip()]
+    text = lines[-1].strip() if lines and not steelseg else " ".join(str(root).split())
+    if not steelseg and not text.startswith(type(root).__name__):
+        text = f"{type(root).__name__}: {text}"
+    return text
 
 
 def calibrate_on_cluster(checkpoint: Location, use_gpu: bool) -> dict | None:
@@ -187,7 +283,8 @@ def build_trainer(
         train_loop_per_worker,
         train_loop_config={
             "config": config.to_dict(),
-            "train_images": len(train_table),
+            "train_table": pipeline_columns(train_table, config),
+            "val_table": pipeline_columns(val_table, config),
             "progress": relay.queue if relay else None,
         },
         scaling_config=ScalingConfig(
@@ -208,8 +305,11 @@ def build_trainer(
                 checkpoint_score_order="max",
             ),
         ),
-        datasets={
-            "train": pipeline.train_dataset(train_table, config),
-            "val": pipeline.val_dataset(val_table, config),
-        },
     )
+
+
+def pipeline_columns(table: pd.DataFrame, config: TrainConfig) -> pd.DataFrame:
+    """The columns the workers' pipelines read (paths, sizes and RLE strings), each worker's
+    copy of the split."""
+    columns = ["image_id", *path_columns(config.modalities), "height", "width", *RLE_COLUMNS]
+    return table[columns].reset_index(drop=True)

@@ -1,7 +1,12 @@
 """The recipe's parts, built from a run's config: the model (its network, initialisation, encoder
-weights and presence head), the loss, AdamW and the warm-up + cosine learning-rate schedule."""
+weights and presence head), the loss, AdamW and the warm-up + cosine learning-rate schedule; and
+``build_training``, which puts them together on a device, restored from a checkpoint's state when
+there is one. Free of Ray: the Ray Train worker, the benchmarks and ``benchmarks/gpu_check.py``
+build a rank's training the same way.
+"""
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -94,3 +99,60 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, config.warmup_steps, total_steps)
     )
+
+
+@dataclass
+class Training:
+    """A rank's model, optimizer and schedule, and where the run stands: the next epoch, the
+    batches and the optimizer steps taken since the run began (resumes included)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    epoch: int = 0
+    global_step: int = 0
+    optimizer_steps: int = 0
+
+
+def build_training(
+    config: TrainConfig,
+    device: torch.device,
+    steps_per_epoch: int,
+    *,
+    channels_last: bool = False,
+    world_size: int = 1,
+    state: dict | None = None,
+) -> Training:
+    """The config's model on ``device`` (channels_last if asked, SyncBatchNorm with
+    ``config.sync_bn`` on more than one rank), AdamW and the schedule over ``config.epochs`` of
+    ``steps_per_epoch``; restored from a checkpoint's ``state`` (``runs.read_state``) if given.
+
+    The model is on its device before the optimizer exists: ``Optimizer.load_state_dict``
+    puts each state tensor on its parameter's device when it loads, so a state loaded while
+    the model was still on the CPU would stay there and the first step on a GPU would fail.
+    """
+    torch.manual_seed(config.seed)
+    model = build_model(config).to(device)
+    if channels_last:  # before DDP wraps it: its gradient buckets take these strides
+        model = model.to(memory_format=torch.channels_last)
+    if config.sync_bn and world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = build_optimizer(config, model)
+    scheduler = build_scheduler(config, optimizer, steps_per_epoch * config.epochs)
+    training = Training(model, optimizer, scheduler)
+    if state is not None:
+        restore(training, state, steps_per_epoch)
+    return training
+
+
+def restore(training: Training, state: dict, steps_per_epoch: int) -> None:
+    """Load a checkpoint's weights, optimizer and schedule into ``training``, whose model is on
+    its device already. Checkpoints are taken at the end of an epoch: the schedule goes on from
+    the start of the next one, in this attempt's steps per epoch (the stored count, unless the
+    number of workers changed)."""
+    training.model.load_state_dict(state["model"])
+    training.optimizer.load_state_dict(state["optimizer"])
+    training.scheduler.load_state_dict(state["scheduler"])
+    move_schedule(training.scheduler, state["epoch"] * steps_per_epoch)
+    training.epoch, training.global_step = state["epoch"], state["global_step"]
+    training.optimizer_steps = state.get("optimizer_steps", state["scheduler"]["last_epoch"])

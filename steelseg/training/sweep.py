@@ -25,9 +25,18 @@ from ray.tune.schedulers import ASHAScheduler
 from steelseg import runs
 from steelseg.cluster import init_ray
 from steelseg.config import TrainConfig
+from steelseg.data import catalog
 from steelseg.errors import SteelsegError
-from steelseg.storage import Location
-from steelseg.training.fit import check_paths_on_nodes, cpus_needed, fit
+from steelseg.storage import Location, locate
+from steelseg.training.fit import (
+    check_paths_on_nodes,
+    checked_table,
+    cpus_needed,
+    data_folder,
+    failure_reason,
+    fit,
+    inspect_on_nodes,
+)
 
 DEFAULT_SPACE = {
     "lr": {"loguniform": [1e-4, 3e-3]},
@@ -129,7 +138,8 @@ def run_trial(params: dict[str, Any], base: dict, sweep_dir: str) -> None:
     config = TrainConfig.from_dict(base).replace(
         **params, storage=runs.trials_dir(sweep_dir).target, name=trial, calibrate=False
     )
-    result = fit(config, callbacks=[TuneReportCallback()])
+    checks = (locate(sweep_dir, "sweep"),)  # where the sweep recorded its check of the data
+    result = fit(config, callbacks=[TuneReportCallback()], checks=checks)
     if result.error:
         raise result.error  # Tune marks the trial ERRORED; a restore reruns it
 
@@ -172,6 +182,11 @@ def sweep(
     init_ray(max(needed, local_cpus(base, space, num_samples)))  # attached: a cluster's own
     check_resources(base, max_concurrent)
     check_paths_on_nodes(base)
+    # the images are decoded in full once here, not once a trial
+    data = data_folder(base)
+    checked_table(
+        base, data, catalog.inspect_many if data.local else inspect_on_nodes, (sweep_dir,)
+    )
     # The trial function only drives its TorchTrainer, whose workers reserve their own CPUs.
     # It takes no CPU: a fraction would leave each node with less than the one whole CPU a
     # Ray Data task needs, and concurrent trials would wait forever. (Tune needs some resource.)
@@ -251,7 +266,7 @@ def write_results(results: tune.ResultGrid, base: TrainConfig, sweep_dir: Locati
                 runs.SCORE: float(best[runs.SCORE]) if best is not None else math.nan,
                 "best_epoch": int(best["epoch"]) if best is not None else 0,
                 "run_dir": run_dir.target,
-                "error": " ".join(str(result.error).split()) if result.error else "",
+                "error": failure_reason(result.error) if result.error else "",
             }
         )
         if best is not None:
@@ -260,8 +275,10 @@ def write_results(results: tune.ResultGrid, base: TrainConfig, sweep_dir: Locati
     winner = table.iloc[0]
     if math.isnan(winner[runs.SCORE]):
         (sweep_dir / runs.RESULTS_FILE).write_text(table.to_csv(index=False))
+        errors = [e for e in table["error"] if e]
+        first = f" (first error: {errors[0]})" if errors else ""
         raise SteelsegError(
-            f"{sweep_dir}: no trial finished an epoch; see {runs.trials_dir(sweep_dir)}"
+            f"{sweep_dir}: no trial finished an epoch{first}; see {runs.trials_dir(sweep_dir)}"
         )
     params = next(r.config for r in results if Path(r.path).name == winner["trial"])
     best_config = base.replace(**params, name=f"{base.name}-best")

@@ -6,26 +6,32 @@ import pytest
 from steelseg.data import augment
 
 
-def augmented(seed, ids):
+def augmented(seed, epoch, samples):
     rng = np.random.default_rng(0)
     batch = {
         "image": rng.integers(0, 255, (4, 64, 96, 3), dtype=np.uint8),
         "mask": rng.integers(0, 16, (4, 64, 96), dtype=np.uint8),
-        "image_id": np.array(ids),
+        "sample": np.array(samples),
     }
-    return augment.augment_batch(batch, 32, 64, seed)
+    return augment.augment_batch(batch, 32, 64, seed, epoch=epoch)
 
 
-def test_augmentation_repeats_for_the_same_batch_and_seed_and_changes_otherwise():
-    ids = ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
-    first, again = augmented(0, ids), augmented(0, ids)
+def test_a_rows_augmentation_is_its_seeds_epochs_and_places_whatever_its_batch():
+    first, again = augmented(0, 3, [0, 1, 2, 3]), augmented(0, 3, [0, 1, 2, 3])
     assert first["image"].shape == (4, 32, 64, 3) and first["mask"].shape == (4, 32, 64)
     np.testing.assert_array_equal(first["image"], again["image"])
     np.testing.assert_array_equal(first["mask"], again["mask"])
-    other_seed = augmented(1, ids)
-    other_epoch = augmented(0, ids[::-1])  # the per-epoch shuffle makes other batches
-    assert not np.array_equal(first["image"], other_seed["image"])
-    assert not np.array_equal(first["image"], other_epoch["image"])
+    for changed in (augmented(1, 3, [0, 1, 2, 3]), augmented(0, 4, [0, 1, 2, 3])):
+        assert not np.array_equal(first["image"], changed["image"])  # another seed or epoch
+    # each row alone, in a batch of its own, is cropped and flipped as in the batch: a resumed
+    # run's batches, cut otherwise, augment every row as the uninterrupted run did
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (4, 64, 96, 3), dtype=np.uint8)
+    masks = rng.integers(0, 16, (4, 64, 96), dtype=np.uint8)
+    for i in range(4):
+        alone = {"image": images[i : i + 1], "mask": masks[i : i + 1], "sample": np.array([i])}
+        out = augment.augment_batch(alone, 32, 64, 0, epoch=3)
+        np.testing.assert_array_equal(out["image"][0], first["image"][i])
 
 
 def one_small_defect(n: int) -> dict[str, np.ndarray]:

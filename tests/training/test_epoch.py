@@ -68,7 +68,7 @@ def test_train_one_epoch_on_odd_sized_images_steps_the_optimizer():
     optimizer = recipe.build_optimizer(config, model)
     scheduler = recipe.build_scheduler(config, optimizer, 10)
     before = model.conv_last.weight.detach().clone()
-    total, seen = epoch.train_one_epoch(
+    total, seen, _ = epoch.train_one_epoch(
         model, [uint8_batch(2, 40, 170)], recipe.build_loss(config), optimizer, scheduler,
         torch.device("cpu"),
     )  # fmt: skip
@@ -197,7 +197,7 @@ def sgd_step(batch, layout, channels_last):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     loss_fn, cpu = recipe.build_loss(config), torch.device("cpu")
-    loss, _ = epoch.train_one_epoch(
+    loss, _, _ = epoch.train_one_epoch(
         model, [batch], loss_fn, optimizer, scheduler, cpu, channels_last=channels_last
     )
     return loss, model.state_dict(), inputs_in_layout == [True]
