@@ -6,6 +6,7 @@ from contextlib import nullcontext
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from steelseg.domain import N_CLASSES
@@ -98,6 +99,16 @@ def _step(optimizer, scheduler) -> None:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
+
+
+@torch.no_grad()
+def broadcast_buffers(model: nn.Module) -> None:
+    """Every rank's buffers (BatchNorm's running statistics) made rank 0's, which its checkpoint
+    holds: each rank's training forward updated its own on its own batches (no-op outside a
+    process group)."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import posixpath
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -232,10 +233,15 @@ def failed(config: TrainConfig, reason: str, metrics: dict | None = None) -> Fit
     return FitResult(config.run_dir, metrics or {}, best, SteelsegError(reason))
 
 
+# an exception's line in a traceback's text: "steelseg.errors.SteelsegError: message"
+EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", re.MULTILINE)
+
+
 def failure_reason(error: BaseException) -> str:
     """What went wrong, on one line, from Ray Train's ``TrainingFailedError``: the first failed
     worker's own error (a steelseg error's message as it is, another error with its type), not
-    Ray's wrapper with its traceback."""
+    Ray's wrappers. An error from a Ray Data task reaches the worker as its traceback's text,
+    which is read for the error that started it."""
     failures = getattr(error, "worker_failures", None)
     if failures:
         error = failures[min(failures)]
@@ -245,13 +251,18 @@ def failure_reason(error: BaseException) -> str:
         chain.append(error)
         # Ray's task errors keep the task's exception as ``cause``
         error = getattr(error, "cause", None) or error.__cause__
-    steelseg = [e for e in chain if isinstance(e, SteelsegError)]
-    root = steelseg[-1] if steelseg else chain[-1]
-    lines = [line for line in str(root).splitlines() if line.strip()]
-    text = lines[-1].strip() if lines and not steelseg else " ".join(str(root).split())
-    if not steelseg and not text.startswith(type(root).__name__):
-        text = f"{type(root).__name__}: {text}"
-    return text
+    mine = [e for e in chain if isinstance(e, SteelsegError)]
+    if mine:
+        return " ".join(str(mine[-1]).split())
+    lines = [m.groups() for e in chain for m in EXCEPTION_LINE.finditer(str(e))]
+    ours = [message for kind, message in lines if kind.startswith("steelseg.")]
+    if ours:
+        return ours[-1].strip()
+    if lines:  # a traceback names the error that started it first
+        kind, message = lines[0]
+        return f"{kind.rsplit('.', 1)[-1]}: {message.strip()}"
+    root = chain[-1]
+    return f"{type(root).__name__}: {' '.join(str(root).split())}"
 
 
 def calibrate_on_cluster(checkpoint: Location, use_gpu: bool) -> dict | None:

@@ -28,7 +28,12 @@ from steelseg.data import pipeline
 from steelseg.evaluation.metrics import DiceCounts
 from steelseg.model.inputs import prefers_channels_last
 from steelseg.training import progress, recipe
-from steelseg.training.epoch import EpochTotals, train_one_epoch, validate_one_epoch
+from steelseg.training.epoch import (
+    EpochTotals,
+    broadcast_buffers,
+    train_one_epoch,
+    validate_one_epoch,
+)
 from steelseg.training.tensorboard import EpochLog, log_epoch
 
 LOSS_STEP_EVERY = 10  # train/loss_step in TensorBoard every this many steps
@@ -146,9 +151,7 @@ class Worker:
         rank's training forward updated on its own batches, are taken from rank 0, whose are
         saved in the checkpoint."""
         model = self.training.model
-        if dist.is_available() and dist.is_initialized():
-            for buffer in model.buffers():
-                dist.broadcast(buffer, src=0)
+        broadcast_buffers(model)
         rows = pipeline.val_rows(self.val_table, self.rank, self.world)
         dataset = pipeline.val_dataset(rows, self.config) if len(rows) else None
         return validate_one_epoch(

@@ -220,3 +220,81 @@ def test_a_step_in_either_layout_trains_the_same_and_takes_the_cpus_layout(monke
     assert loss == pytest.approx(default_loss, rel=1e-5)
     for name, value in default_weights.items():
         torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of one rank, for DDP on the CPU."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("batches", "grad_accum", "expected"), [(5, 2, 3), (4, 4, 1), (3, 1, 3)])
+def test_accumulated_batches_all_reduce_only_before_a_step(
+    one_rank_group, batches, grad_accum, expected
+):
+    """DDP's gradient all-reduce (seen through a comm hook) runs once per optimizer step: for
+    the last batch of each group and for the epoch's last batch, not for every micro-batch."""
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Conv2d(3, 4, 1))
+    reduced = []
+
+    def hook(state, bucket):
+        reduced.append(bucket.index())
+        future = torch.futures.Future()
+        future.set_result(bucket.buffer())
+        return future
+
+    model.register_comm_hook(None, hook)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    data = [uint8_batch(1, 32, 32, seed=i) for i in range(batches)]
+    epoch.train_one_epoch(
+        model, data, recipe.build_loss(TrainConfig()), optimizer, scheduler, torch.device("cpu"),
+        grad_accum=grad_accum, channels_last=False,
+    )  # fmt: skip
+    assert len(reduced) == expected
+
+
+def test_a_loss_that_stops_being_finite_is_found_at_its_first_batch():
+    model = Constant([0.0, 0.0, 0.0, 0.0])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    calls = []
+
+    def loss_fn(logits, target):  # finite for two batches, then NaN
+        calls.append(1)
+        value = logits.mean() * 0
+        return value + (float("nan") if len(calls) > 2 else 1.0)
+
+    data = [uint8_batch(1, 32, 32, seed=i) for i in range(5)]
+    totals = epoch.train_one_epoch(model, data, loss_fn, optimizer, scheduler, torch.device("cpu"))
+    assert totals.first_nonfinite_batch == 2 and totals.images == 5
+    assert not np.isfinite(totals.loss_sum)
+    fine = epoch.train_one_epoch(model, data[:2], nn.MSELoss(), optimizer, scheduler,
+                                 torch.device("cpu"))  # fmt: skip
+    assert fine.first_nonfinite_batch == -1
+
+
+def _buffers_of_rank(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    norm = nn.BatchNorm2d(3)
+    norm.running_mean.fill_(rank + 1.0)  # each rank's own statistics
+    norm.num_batches_tracked.fill_(10 * (rank + 1))
+    epoch.broadcast_buffers(norm)
+    torch.save({k: v.clone() for k, v in norm.state_dict().items()}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_every_rank_validates_with_rank_0s_batchnorm_statistics(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_buffers_of_rank, args=(str(tmp_path / "store"), str(tmp_path / "b")), nprocs=2)
+    ranks = [torch.load(tmp_path / f"b.{rank}") for rank in (0, 1)]
+    for state in ranks:
+        assert (state["running_mean"] == 1.0).all() and state["num_batches_tracked"] == 10

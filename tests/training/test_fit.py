@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import ODD_W, small_run
 
+from steelseg.errors import SteelsegError
 from steelseg.runs import (
     best_checkpoint,
     fetch_tensorboard,
@@ -189,6 +190,162 @@ def test_fit_trains_on_the_oversampled_split_keeps_the_split_and_calibrates_the_
     assert train["image_id"].is_unique
     epoch_table = trainers[0].train_table
     assert len(epoch_table) == len(oversample(train, 0.3)) > len(train)
-    assert result.best_checkpoint.name == "epoch_0002"
+    # the best checkpoint's folder in the run, whatever path Ray gave it
+    assert result.best_checkpoint == locate(tmp_path, "storage") / "demo" / "epoch_0002"
     assert calibrated == ([result.best_checkpoint] if calibrate else [])
     assert result.calibration == ({"ok": 1} if calibrate else None)
+
+
+def fake_fit(monkeypatch, trainers: list | None = None):
+    """``fit`` with Ray stubbed out: the trainer a ``FakeTrainer``."""
+    from steelseg.training import fit as fitting
+
+    def trainer(*args):
+        made = FakeTrainer(*args)
+        if trainers is not None:
+            trainers.append(made)
+        return made
+
+    monkeypatch.setattr(fitting, "init_ray", lambda *args, **kwargs: "")
+    monkeypatch.setattr(fitting, "check_paths_on_nodes", lambda config: None)
+    monkeypatch.setattr(fitting, "build_trainer", trainer)
+    return fitting
+
+
+def test_a_resume_keeps_the_split_new_images_train_and_gone_ones_are_named(
+    data_copy, tmp_path, monkeypatch, steelseg_log
+):
+    import shutil
+
+    from steelseg.config import TrainConfig
+    from steelseg.runs import read_split
+
+    fitting = fake_fit(monkeypatch)
+    config = TrainConfig(data=str(data_copy), storage=str(tmp_path / "runs"), calibrate=False)
+    first = read_split(fitting.fit(config).run_dir)
+    val = first.loc[first["split"] == "val", "image_id"].tolist()
+    gone = val[0]
+    (data_copy / "train_images" / gone).unlink()
+    with open(data_copy / "train.csv") as f:  # its rows go with it
+        rows = [line for line in f if not line.startswith(gone)]
+    (data_copy / "train.csv").write_text("".join(rows))
+    for name in ("00000new1.jpg", "00000new2.jpg"):
+        shutil.copy(data_copy / "train_images" / val[1], data_copy / "train_images" / name)
+    steelseg_log.clear()
+    again = read_split(fitting.fit(config).run_dir)
+    by_image = dict(zip(again["image_id"], again["split"]))
+    assert sorted(k for k, v in by_image.items() if v == "val") == sorted(val[1:])
+    assert by_image["00000new1.jpg"] == by_image["00000new2.jpg"] == "train"
+    assert gone not in by_image
+    assert "info: 2 image(s) new since the run's split: they train, never validate" in steelseg_log
+    assert any(line.startswith("warning: image(s) of the run's split gone") and gone in line
+               for line in steelseg_log)  # fmt: skip
+
+
+def spy():
+    """``catalog.inspect_many`` that records whether each call decoded the images."""
+    from steelseg.data import catalog
+
+    decoded = []
+
+    def inspect(paths, decode):
+        decoded.append(decode)
+        return catalog.inspect_many(paths, decode)
+
+    return inspect, decoded
+
+
+def test_the_images_are_decoded_in_full_once_until_the_data_set_changes(data_copy, tmp_path):
+    import os
+
+    from steelseg.config import TrainConfig
+    from steelseg.training.fit import load_split
+
+    config = TrainConfig(data=str(data_copy), storage=str(tmp_path / "runs"))
+    inspect, decoded = spy()
+    first = load_split(config, inspect=inspect)
+    second = load_split(config, inspect=inspect)  # a resume, or a rerun of the run
+    assert decoded == [True, False]
+    for a, b in zip(first, second):
+        pd.testing.assert_frame_equal(a, b)
+    image = next((data_copy / "train_images").iterdir())
+    os.utime(image, ns=(0, 0))  # changed since the check
+    load_split(config, inspect=inspect)
+    assert decoded == [True, False, True]
+
+
+def test_a_sweeps_trials_trust_its_check_and_keep_only_the_images_it_passed(data_copy, tmp_path):
+    from steelseg.config import TrainConfig
+    from steelseg.storage import locate
+    from steelseg.training.fit import checked_table, data_folder, load_split
+
+    truncated = sorted((data_copy / "train_images").iterdir())[0]
+    truncated.write_bytes(truncated.read_bytes()[:500])  # only a full decode finds it
+    sweep = locate(tmp_path / "sweep", "sweep")
+    base = TrainConfig(data=str(data_copy), storage=str(tmp_path), name="sweep", drop_bad=True)
+    inspect, decoded = spy()
+    checked_table(base, data_folder(base), inspect, (sweep,))  # the sweep's driver, once
+    trial = base.replace(storage=str(tmp_path / "sweep" / "trials"), name="t1")
+    train, val = load_split(trial, inspect=inspect, checks=(sweep,))
+    assert decoded == [True, False]
+    assert truncated.name not in set(train["image_id"]) | set(val["image_id"])
+    assert len(train) + len(val) == 59
+    strict = trial.replace(drop_bad=False, name="t2")  # a check that dropped one is no pass
+    with pytest.raises(SteelsegError, match=truncated.name):
+        load_split(strict, inspect=inspect, checks=(sweep,))
+
+
+def test_a_failed_run_keeps_its_checkpoints_and_names_the_best(tmp_path):
+    from steelseg import runs
+    from steelseg.config import TrainConfig
+    from steelseg.training.fit import failed
+
+    config = TrainConfig(storage=str(tmp_path), name="r")
+    for epoch, score in ((1, 0.9), (2, 0.8)):
+        runs.write_state(config.run_dir / f"epoch_{epoch:04d}", {"model": {}, "epoch": epoch})
+        runs.append_history(config.run_dir, {"epoch": epoch, "val_kaggle_dice": score})
+    result = failed(config, "training failed: x")
+    assert str(result.error) == "training failed: x" and result.calibration is None
+    assert result.best_checkpoint.name == "epoch_0001"
+    assert sorted(runs.kept_checkpoints(config.run_dir)) == [1, 2]
+
+
+def test_the_reason_of_a_failed_run_is_the_workers_own_error_on_one_line():
+    from ray.exceptions import RayTaskError
+    from ray.train import ControllerError, WorkerGroupError
+
+    from steelseg.training.fit import failure_reason
+
+    mine = SteelsegError("s3://b/d/train_images/a.jpg: no such image")
+    wrapped = RayTaskError("read_batch", "Traceback (most recent call last):\n  ...", mine)
+    try:
+        raise RuntimeError("Ray Data: a task failed") from wrapped
+    except RuntimeError as e:
+        data_error = e
+    error = WorkerGroupError("Worker 1 failed:\nTraceback ...", {1: ValueError("x"),
+                                                                    0: data_error})  # fmt: skip
+    assert failure_reason(error) == "s3://b/d/train_images/a.jpg: no such image"
+    other = WorkerGroupError("...", {0: ZeroDivisionError("division by zero")})
+    assert failure_reason(other) == "ZeroDivisionError: division by zero"
+    assert failure_reason(ControllerError(KeyError("k"))) == "KeyError: 'k'"
+    # a Ray Data task's error, as a worker gets it: its traceback as text
+    task = RayTaskError("MapBatches(read_batch)", TRACEBACK, RuntimeError("UDF failed"))
+    assert failure_reason(WorkerGroupError("...", {0: task})) == "/d/a.jpg: no such image"
+    ours = "steelseg.errors.SteelsegError: /d/a.jpg: no such image"
+    text_only = TRACEBACK.replace(ours, "PIL.UnidentifiedImageError: cannot identify /d/a.jpg")
+    task = RayTaskError("MapBatches(read_batch)", text_only, RuntimeError("UDF failed"))
+    assert failure_reason(WorkerGroupError("...", {0: task})) == (
+        "UnidentifiedImageError: cannot identify /d/a.jpg"
+    )
+
+
+TRACEBACK = """Traceback (most recent call last):
+  File "steelseg/data/images.py", line 51, in read_image
+    raise SteelsegError(f"{path}: no such image") from None
+steelseg.errors.SteelsegError: /d/a.jpg: no such image
+
+The above exception was the direct cause of the following exception:
+
+ray::MapBatches(read_batch)()
+ray.exceptions.UserCodeException: UDF failed to process a data block.
+Failed to apply UDF transform after 1/1 attempts (total backoff 0.0s)."""
