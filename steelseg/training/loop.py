@@ -23,7 +23,7 @@ from steelseg import runs
 from steelseg.config import TrainConfig
 from steelseg.evaluation.figures import truth_vs_prediction
 from steelseg.evaluation.metrics import DiceCounts
-from steelseg.model.inputs import prefers_channels_last
+from steelseg.model.inputs import autocast_dtype, prefers_channels_last
 from steelseg.training import progress, recipe
 from steelseg.training.epoch import train_one_epoch, validate_one_epoch
 
@@ -58,7 +58,7 @@ class Worker:
         self.batches = recipe.batches_per_epoch(images, world, config.batch_size)
         self.steps = recipe.steps_per_epoch(images, world, config.batch_size, config.grad_accum)
         self.device = ray.train.torch.get_device()
-        self.amp = config.amp and self.device.type == "cuda"
+        self.amp = autocast_dtype(self.device, config.amp) is not None
         self.channels_last = prefers_channels_last(self.device, self.amp)
         self.sender = progress.Sender(loop_config.get("progress") if self.rank == 0 else None)
         self.tensorboard_staging = ""
