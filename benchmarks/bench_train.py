@@ -2,23 +2,30 @@
 
     python benchmarks/bench_train.py bare --height 256 --width 1600 --batch 8,16   # GPU or CPU
     python benchmarks/bench_train.py bare --height 64 --width 320 --threads 1,2    # CPU
+    python benchmarks/bench_train.py bare --arch paper,unet-resnet18 \
+        --variants fp32+channels_last,bf16+channels_last                          # fp32 vs bf16
     python benchmarks/bench_train.py ray --height 32 --width 160 --workers 1,2      # needs Ray
+    python benchmarks/bench_train.py ray --workers 1 --precision fp32,bf16          # fp32 vs bf16
     python benchmarks/bench_train.py ray --workers 2 --two-nodes                    # 2 nodes here
 
 ``bare`` times ``steelseg.training.epoch.train_one_epoch`` on in-memory uint8 batches (no data
 loading) for each variant (``--variants``; on a GPU by default bf16 autocast with and without
 channels_last, fused AdamW, ``torch.compile`` in its default, max-autotune and CUDA-graph modes,
-and fp32; on a CPU fp32 with and without channels_last), and prints images/s, peak memory, the
+and fp32; on a CPU fp32 with and without channels_last, and bf16 autocast + channels_last where
+the CPU has bf16 instructions) and network (``--arch``), and prints images/s, peak memory, the
 FLOPs of one step counted by ``torch.utils.flop_counter`` (convolutions and matmuls, forward and
 backward), the TFLOP/s they make and the model FLOP utilisation against a large matmul timed in
 the same run in the same precision. A variant that fails (a compile mode on this machine) is
-reported as failed and the others still run.
-``ray`` runs ``steelseg.training.fit.fit`` on a synthetic set with 1 and 2 workers of 1 CPU and
-compares the images/s per worker (epochs after the first) with the bare step on 1 thread, with
-where a step's time goes (the worker loop's timers: waiting for Ray Data, the step with DDP's
-all-reduce). Each writes JSON (``--json``) with date, machine, versions and command."""
+reported as failed and the others still run. Each row says the precision that ran
+(``steelseg.model.inputs.autocast_dtype``: a bf16 variant on a CPU without bf16 runs float32).
+``ray`` runs ``steelseg.training.fit.fit`` on a synthetic set with 1 and 2 workers of 1 CPU, for
+each network and precision (``--precision``: config.amp off and on), and compares the images/s
+per worker (epochs after the first) with the bare step on 1 thread in the same precision and
+layout, with where a step's time goes (the worker loop's timers: waiting for Ray Data, the step
+with DDP's all-reduce). Each writes JSON (``--json``) with date, machine, versions and command."""
 
 import argparse
+import itertools
 import os
 import resource
 import shutil
@@ -31,6 +38,7 @@ import torch
 from common import machine, record, table
 
 from steelseg.config import TrainConfig
+from steelseg.model.inputs import autocast_dtype, cpu_runs_bf16, prefers_channels_last
 from steelseg.runs import read_history
 from steelseg.training import epoch, recipe
 
@@ -101,7 +109,8 @@ GPU_VARIANTS = [
     "bf16+channels_last+compile-cudagraphs",
     "fp32",
 ]
-CPU_VARIANTS = ["fp32", "fp32+channels_last"]
+CPU_VARIANTS = ["fp32", "fp32+channels_last"] + (["bf16+channels_last"] if cpu_runs_bf16() else [])
+PRECISIONS = {"fp32": False, "bf16": True}  # config.amp
 
 
 def bare_step(
@@ -116,11 +125,12 @@ def bare_step(
     compile=None,
     fused=False,
     threads=None,
+    arch="paper",
 ):
     """One variant of the training step on in-memory batches: images/s, peak memory, FLOPs."""
     if threads:
         torch.set_num_threads(threads)
-    config = TrainConfig()
+    config = TrainConfig(arch=arch)
     torch.manual_seed(0)
     bare = recipe.build_model(config).to(device)
     if channels_last:
@@ -148,10 +158,11 @@ def bare_step(
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if gpu else peak_rss_gib()
     flops = step_flops(bare, loss_fn, warm[0], device, amp, channels_last)
-    precision = torch.bfloat16 if amp and gpu else torch.float32
+    precision = autocast_dtype(device, amp) or torch.float32
     peak_rate = matmul_rate(device, precision, 8192 if gpu else 1024)
     achieved = flops * steps / seconds
     return {
+        "precision": "bf16" if precision == torch.bfloat16 else "fp32",
         "images_per_s": steps * batch / seconds,
         "peak_gib": peak,
         "s_per_step": seconds / steps,
@@ -172,44 +183,45 @@ def cmd_bare(args):
         raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [0]
     batches = [int(b) for b in str(args.batch).split(",")]
+    archs = args.arch.split(",")
     print(
         f"bare training step on {machine()}, torch {torch.__version__}, "
         f"{args.height}x{args.width}, {args.steps} steps a variant"
     )
     rows = []
-    for batch in batches:
-        for thread_count in threads:
-            for name in variants:
-                try:
-                    r = bare_step(
-                        args.height, args.width, batch, args.steps, device,
-                        threads=thread_count or None, **VARIANTS[name],
-                    )  # fmt: skip
-                except Exception as error:  # a compile mode that fails here is a figure too
-                    print(f"  {name}: failed: {type(error).__name__}: {str(error)[:200]}")
-                    rows.append({"variant": name, "batch": batch, "failed": str(error)[:500]})
-                    continue
-                row = {
-                    "variant": name,
-                    "size": f"{args.height}x{args.width}",
-                    "batch": batch,
-                    "threads": torch.get_num_threads(),
-                    **r,
-                }
-                rows.append(row)
-                print(
-                    f"  {name:40s} batch {batch:3d} threads {row['threads']:2d} "
-                    f"{r['images_per_s']:8.2f} images/s  {r['s_per_step'] * 1e3:8.1f} ms/step  "
-                    f"peak {'GPU' if gpu else 'RSS'} {r['peak_gib']:.2f} GiB  "
-                    f"{r['gflop_per_image']:.1f} GFLOP/image  {r['achieved_tflops']:.3f} "
-                    f"TFLOP/s of {r['matmul_tflops']:.3f} (matmul)  MFU {100 * r['mfu']:.1f}%",
-                    flush=True,
-                )
+    for arch, batch, thread_count, name in itertools.product(archs, batches, threads, variants):
+        try:
+            r = bare_step(
+                args.height, args.width, batch, args.steps, device,
+                threads=thread_count or None, arch=arch, **VARIANTS[name],
+            )  # fmt: skip
+        except Exception as error:  # a compile mode that fails here is a figure too
+            print(f"  {arch} {name}: failed: {type(error).__name__}: {str(error)[:200]}")
+            rows.append({"arch": arch, "variant": name, "batch": batch, "failed": str(error)[:500]})
+            continue
+        row = {
+            "arch": arch,
+            "variant": name,
+            "size": f"{args.height}x{args.width}",
+            "batch": batch,
+            "threads": torch.get_num_threads(),
+            **r,
+        }
+        rows.append(row)
+        print(
+            f"  {arch:14s} {name:40s} {r['precision']} batch {batch:3d} "
+            f"threads {row['threads']:2d} {r['images_per_s']:8.2f} images/s  "
+            f"{r['s_per_step'] * 1e3:8.1f} ms/step  "
+            f"peak {'GPU' if gpu else 'RSS'} {r['peak_gib']:.2f} GiB  "
+            f"{r['gflop_per_image']:.1f} GFLOP/image  {r['achieved_tflops']:.3f} "
+            f"TFLOP/s of {r['matmul_tflops']:.3f} (matmul)  MFU {100 * r['mfu']:.1f}%",
+            flush=True,
+        )
     if args.json:
         record(rows, args.json)
 
 
-def ray_run(args, workers: int, tmp: str, data) -> dict:
+def ray_run(args, workers: int, tmp: str, data, arch: str, precision: str) -> dict:
     """A Ray Train run (``fit``) of ``workers`` x 1 CPU; its epochs after the first, averaged."""
     import ray
 
@@ -218,7 +230,9 @@ def ray_run(args, workers: int, tmp: str, data) -> dict:
     config = TrainConfig(
         data=str(data),
         storage=f"{tmp}/runs",
-        name=f"bench-{workers}",
+        name=f"bench-{arch}-{precision}-{workers}",  # a new run each, never a resume
+        arch=arch,
+        amp=PRECISIONS[precision],
         epochs=args.epochs,
         num_workers=workers,
         batch_size=args.batch,
@@ -233,6 +247,8 @@ def ray_run(args, workers: int, tmp: str, data) -> dict:
     ray.shutdown()
     batches = -(-int(history["train_images"].iloc[0]) // (workers * args.batch))
     return {
+        "arch": arch,
+        "precision": precision,
         "workers": workers,
         "nodes": int(history["nodes"].iloc[-1]),
         "images_per_s_per_worker": float(history["images_per_s"].mean()) / workers,
@@ -253,23 +269,33 @@ def cmd_ray(args):
             data = synth.write_dataset(
                 f"{tmp}/data", args.images, height=args.height, width=args.width, seed=0
             )
-            for workers in [int(w) for w in args.workers.split(",")]:
-                rows.append(ray_run(args, workers, tmp, data))
+            runs = itertools.product(
+                args.arch.split(","), args.precision.split(","), args.workers.split(",")
+            )
+            for arch, precision, workers in runs:
+                rows.append(ray_run(args, int(workers), tmp, data, arch, precision))
     finally:
         if cluster:
             cluster.shutdown()
             shutil.rmtree(cluster.folder, ignore_errors=True)
-    cpu = torch.device("cpu")
-    bare = bare_step(args.height, args.width, args.batch, args.steps, cpu, threads=1)
-    bare_ms = 1e3 * bare["s_per_step"]
+    cpu, bare = torch.device("cpu"), {}
     for row in rows:
-        row["bare_images_per_s"] = bare["images_per_s"]
-        row["bare_step_ms"] = bare_ms
-        row["overhead"] = 1 - row["images_per_s_per_worker"] / bare["images_per_s"]
+        key = row["arch"], row["precision"]
+        if key not in bare:  # the worker's step: its precision and its layout, on 1 thread
+            amp = PRECISIONS[row["precision"]]
+            bare[key] = bare_step(
+                args.height, args.width, args.batch, args.steps, cpu, threads=1,
+                arch=row["arch"], amp=amp, channels_last=prefers_channels_last(cpu, amp),
+            )  # fmt: skip
+        row["ran"] = bare[key]["precision"]
+        row["bare_images_per_s"] = bare[key]["images_per_s"]
+        row["bare_step_ms"] = 1e3 * bare[key]["s_per_step"]
+        row["overhead"] = 1 - row["images_per_s_per_worker"] / bare[key]["images_per_s"]
     print(
         f"Ray Train on {'two nodes' if cluster else 'this machine'}, workers x 1 CPU, "
         f"{args.height}x{args.width}, batch {args.batch} a worker, epochs 2..{args.epochs} "
-        "(training pass; validation apart), against the bare step on 1 thread:"
+        "(training pass; validation apart), against the bare step on 1 thread in the same "
+        "precision and layout (ran: the precision this CPU runs for it):"
     )
     print(table(rows, list(rows[0])))
     if args.json:
@@ -314,6 +340,7 @@ def main():
         p.add_argument("--width", type=int, default=160)
         p.add_argument("--steps", type=int, default=20)
         p.add_argument("--json", default="", help="a results file name (benchmarks/results/)")
+        p.add_argument("--arch", default="paper", help="comma-separated networks (config arch)")
     bare, ray = sub.choices["bare"], sub.choices["ray"]
     bare.add_argument("--batch", default="8", help="comma-separated batch sizes")
     bare.add_argument("--threads", default="", help="comma-separated CPU thread counts")
@@ -323,6 +350,9 @@ def main():
     ray.add_argument("--images", type=int, default=200)
     ray.add_argument("--epochs", type=int, default=3)
     ray.add_argument("--two-nodes", action="store_true", help="on a two-node cluster started here")
+    ray.add_argument(
+        "--precision", default="bf16", help="comma-separated: fp32 (config amp off), bf16 (on)"
+    )
     args = parser.parse_args()
     cmd_bare(args) if args.mode == "bare" else cmd_ray(args)
 

@@ -153,7 +153,12 @@ class TrainConfig:
         "recipe",
     )
     seed: int = setting(0, "seed of the split, shuffles, augmentation and initialisation", "recipe")
-    amp: bool = setting(True, "bf16 autocast and channels_last on GPU", "recipe")
+    amp: bool = setting(
+        True,
+        "bf16 autocast where the device runs it fast (CUDA, or a CPU with avx512_bf16/AMX) "
+        "and channels_last; training, validation, calibration and prediction",
+        "recipe",
+    )
 
     num_workers: int = setting(
         2, "Ray Train workers (DDP ranks); MIN..MAX (e.g. 1..4) for elastic training", "scaling"

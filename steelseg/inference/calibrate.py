@@ -34,14 +34,14 @@ def calibrate(
     model, config, _ = load_checkpoint(folder)
     val = read_split(folder.parent, "val")
     device = device_for(use_gpu)
-    model = prepare(model, device)
+    model = prepare(model, device, config.amp)
     columns = images.path_columns(config.modalities)
     search = Calibration()
     empty = []
     for start in range(0, len(val), batch_size):
         rows = val.iloc[start : start + batch_size].reset_index(drop=True)
         paths = [[row[c] for c in columns] for _, row in rows.iterrows()]
-        for indices, probs in predict_by_size(model, paths, device, tta):
+        for indices, probs in predict_by_size(model, paths, device, tta, amp=config.amp):
             for i, p in zip(indices, probs.cpu().numpy()):
                 row = rows.iloc[i]
                 strings = [row[col] or "" for col in RLE_COLUMNS]

@@ -29,27 +29,36 @@ def flips(tta: bool) -> list[tuple[int, ...]]:
 
 
 def probabilities(
-    model: torch.nn.Module, batch: np.ndarray, device: torch.device, tta: bool = False
+    model: torch.nn.Module,
+    batch: np.ndarray,
+    device: torch.device,
+    tta: bool = False,
+    amp: bool = True,
 ) -> np.ndarray:
     """(B, H, W, C) uint8 images of one size -> (B, 4, H, W) float32 probabilities, any H, W."""
-    return probability_tensor(model, batch, device, tta).cpu().numpy()
+    return probability_tensor(model, batch, device, tta, amp).cpu().numpy()
 
 
 @torch.no_grad()
 def probability_tensor(
-    model: torch.nn.Module, batch: np.ndarray, device: torch.device, tta: bool = False
+    model: torch.nn.Module,
+    batch: np.ndarray,
+    device: torch.device,
+    tta: bool = False,
+    amp: bool = True,
 ) -> torch.Tensor:
     """``probabilities`` left on the device. Each flipped view is padded on its own, so TTA is
-    exactly the mean of predicting the flipped images."""
+    exactly the mean of predicting the flipped images. ``amp``: the checkpoint's config.amp
+    (``inputs.autocast_dtype`` decides what it means on ``device``)."""
     x, _ = inputs.to_inputs(
         {"image": torch.from_numpy(batch), "mask": torch.zeros(batch.shape[:3], dtype=torch.uint8)},
         device,
-        channels_last=inputs.prefers_channels_last(device, amp=True),
+        channels_last=inputs.prefers_channels_last(device, amp),
     )
     total = None
     for dims in flips(tta):
         view = x.flip(dims) if dims else x
-        with inputs.autocast(device, enabled=True):
+        with inputs.autocast(device, amp):
             logits = inputs.forward_padded(model, view)
         probs = torch.sigmoid(logits.float())
         probs = probs.flip(dims) if dims else probs
@@ -86,7 +95,9 @@ class Predictor:
         use_gpu: bool,
     ):
         self.device = device_for(use_gpu)
-        self.model = prepare(load_checkpoint(checkpoint)[0], self.device)
+        model, config, _ = load_checkpoint(checkpoint)
+        self.amp = config.amp
+        self.model = prepare(model, self.device, self.amp)
         self.columns = images.path_columns(list(modalities))
         self.tta = tta
         self.rules = postprocess.Rules.from_dict(rules) if rules else postprocess.Rules.plain()
@@ -101,7 +112,7 @@ class Predictor:
             errors[i] = str(error)
 
         for indices, probs in predict_by_size(
-            self.model, paths, self.device, self.tta, on_error=unreadable
+            self.model, paths, self.device, self.tta, on_error=unreadable, amp=self.amp
         ):
             masks, present = self.rules.apply_batch(probs)
             for i, image_masks, image_present in zip(indices, masks, present):
@@ -120,6 +131,7 @@ def predict_by_size(
     device: torch.device,
     tta: bool = False,
     on_error: Callable[[int, SteelsegError], None] | None = None,
+    amp: bool = True,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Read images (a list of modality paths each), predict them a size at a time, and yield
     (their indices, (B, 4, H, W) probabilities on the device) for each size.
@@ -139,7 +151,7 @@ def predict_by_size(
         by_size.setdefault(image.shape[:2], []).append((i, image))
     for group in by_size.values():
         stack = np.stack([image for _, image in group])
-        yield [i for i, _ in group], probability_tensor(model, stack, device, tta)
+        yield [i for i, _ in group], probability_tensor(model, stack, device, tta, amp)
 
 
 def predict(
@@ -227,11 +239,11 @@ def to_submission(results: pd.DataFrame) -> pd.DataFrame:
     return long[list(SUBMISSION_HEADER)].reset_index(drop=True)
 
 
-def prepare(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def prepare(model: torch.nn.Module, device: torch.device, amp: bool = True) -> torch.nn.Module:
     """The model in eval mode on ``device``, in the layout its inputs get
-    (``inputs.prefers_channels_last``; prediction autocasts on a GPU)."""
+    (``inputs.prefers_channels_last`` with the checkpoint's config.amp)."""
     model = model.to(device).eval()
-    if inputs.prefers_channels_last(device, amp=True):
+    if inputs.prefers_channels_last(device, amp):
         return model.to(memory_format=torch.channels_last)
     return model
 

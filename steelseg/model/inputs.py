@@ -27,6 +27,28 @@ def prefers_channels_last(device: torch.device, amp: bool) -> bool:
     return device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
+def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The precision ``autocast`` runs the model in on ``device``, None for float32: with
+    ``amp``, bf16 on CUDA and on a CPU with bf16 instructions (``cpu_runs_bf16``), where oneDNN
+    trained and predicted faster (README, Performance); elsewhere a CPU emulates bf16, slower
+    than float32. The only place this is decided; the loss, the metrics' counts and BatchNorm's
+    weights and running statistics stay float32 either way."""
+    if not amp:
+        return None
+    if device.type == "cuda" or (device.type == "cpu" and cpu_runs_bf16()):
+        return torch.bfloat16
+    return None
+
+
+def cpu_runs_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (avx512_bf16 or AMX) as torch reports them and
+    oneDNN is there to use them; a torch without these (private) probes counts as no."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def unpack_masks(bits: torch.Tensor) -> torch.Tensor:
     """(B, H, W) class bits -> (B, 4, H, W) float 0/1."""
     shifts = torch.arange(N_CLASSES, device=bits.device, dtype=torch.uint8).view(1, -1, 1, 1)
@@ -73,7 +95,7 @@ def forward_padded(model: nn.Module, x: torch.Tensor):
 
 
 def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA (no GradScaler needed, unlike fp16); nothing on CPU."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    """Autocast in ``autocast_dtype``'s precision (bf16 needs no GradScaler, unlike fp16), or
+    nothing where that is float32."""
+    dtype = autocast_dtype(device, enabled)
+    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()

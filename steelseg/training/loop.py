@@ -26,7 +26,7 @@ from steelseg import runs
 from steelseg.config import TrainConfig
 from steelseg.data import pipeline
 from steelseg.evaluation.metrics import DiceCounts
-from steelseg.model.inputs import prefers_channels_last
+from steelseg.model.inputs import autocast_dtype, prefers_channels_last
 from steelseg.training import progress, recipe
 from steelseg.training.epoch import (
     EpochTotals,
@@ -71,7 +71,7 @@ class Worker:
             images, self.world, config.batch_size, config.grad_accum
         )
         self.device = ray.train.torch.get_device()
-        self.amp = config.amp and self.device.type == "cuda"
+        self.amp = autocast_dtype(self.device, config.amp) is not None
         self.channels_last = prefers_channels_last(self.device, self.amp)
         self.sender = progress.Sender(loop_config.get("progress") if self.rank == 0 else None)
         self.training = recipe.build_training(

@@ -298,3 +298,93 @@ def test_every_rank_validates_with_rank_0s_batchnorm_statistics(tmp_path):
     ranks = [torch.load(tmp_path / f"b.{rank}") for rank in (0, 1)]
     for state in ranks:
         assert (state["running_mean"] == 1.0).all() and state["num_batches_tracked"] == 10
+
+
+def cpu_with(monkeypatch, avx512_bf16: bool, amx: bool) -> None:
+    """A CPU whose bf16 instructions torch reports as given."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+
+
+@pytest.mark.parametrize(
+    ("device", "amp", "avx512_bf16", "amx", "expected"),
+    [
+        ("cpu", True, True, False, torch.bfloat16),
+        ("cpu", True, False, True, torch.bfloat16),  # AMX
+        ("cpu", True, False, False, None),  # bf16 emulated: slower than float32
+        ("cpu", False, True, True, None),  # --no-amp
+        ("cuda", True, False, False, torch.bfloat16),  # whatever the host
+        ("cuda", False, True, True, None),
+    ],
+)
+def test_bf16_on_a_gpu_and_on_cpus_with_bf16_instructions_when_amp_is_on(
+    monkeypatch, device, amp, avx512_bf16, amx, expected
+):
+    cpu_with(monkeypatch, avx512_bf16, amx)
+    assert inputs.autocast_dtype(torch.device(device), amp) is expected
+
+
+def test_a_torch_without_the_cpu_probes_or_onednn_gets_float32(monkeypatch):
+    cpu = torch.device("cpu")
+    cpu_with(monkeypatch, True, True)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert inputs.autocast_dtype(cpu, amp=True) is None
+    monkeypatch.undo()
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.delattr(torch.cpu, name, raising=False)
+    assert inputs.autocast_dtype(cpu, amp=True) is None
+
+
+@pytest.mark.parametrize(("bf16_cpu", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
+def test_autocast_runs_the_decided_precision(monkeypatch, bf16_cpu, expected):
+    cpu_with(monkeypatch, bf16_cpu, False)
+    a = torch.ones(4, 4)
+    with inputs.autocast(torch.device("cpu"), enabled=True):
+        assert (a @ a).dtype == expected
+    with inputs.autocast(torch.device("cpu"), enabled=False):
+        assert (a @ a).dtype == torch.float32
+
+
+def sgd_step_in_precision(batch, amp):
+    """One SGD step of the paper network, seeded, channels_last as on AVX-512: (loss, the
+    step's change of every parameter and statistic, dtypes the first convolution gave)."""
+    torch.manual_seed(0)
+    config = TrainConfig()
+    model = recipe.build_model(config).to(memory_format=torch.channels_last)
+    before = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    dtypes = []
+    model.encoder.conv1.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    loss, _, _ = epoch.train_one_epoch(
+        model, [batch], recipe.build_loss(config), optimizer, scheduler, torch.device("cpu"),
+        amp=amp, channels_last=True,
+    )  # fmt: skip
+    after = model.state_dict()
+    assert all(after[k].dtype == torch.float32 for k in before)  # weights and BN stats
+    return loss, {k: after[k] - v for k, v in before.items()}, dtypes
+
+
+@pytest.mark.skipif(
+    not inputs.cpu_runs_bf16(), reason="this CPU has no avx512_bf16 or AMX: amp stays float32"
+)
+def test_a_bf16_training_step_on_this_cpu_is_finite_and_close_to_float32():
+    """Measured on a 2-core Xeon with avx512_bf16 and AMX (torch 2.14): loss 2e-4 apart, the update's
+    cosine with float32's 0.9988 over all parameters (0.967 for the least alike tensor), the
+    change of BatchNorm's running statistics 2.7% apart at most."""
+    bits = np.zeros((2, 32, 64), np.uint8)
+    bits[:, 8:20, 10:40] = 0b0101
+    batch = uint8_batch(2, 32, 64, bits=bits)
+    loss32, change32, dtypes32 = sgd_step_in_precision(batch, amp=False)
+    loss16, change16, dtypes16 = sgd_step_in_precision(batch, amp=True)
+    assert dtypes32 == [torch.float32] and dtypes16 == [torch.bfloat16]
+    assert np.isfinite(loss16) and loss16 == pytest.approx(loss32, rel=5e-3)
+    weights = [k for k in change32 if "running" not in k]
+    flat32 = torch.cat([change32[k].flatten() for k in weights])
+    flat16 = torch.cat([change16[k].flatten() for k in weights])
+    assert torch.isfinite(flat16).all()
+    assert torch.nn.functional.cosine_similarity(flat32, flat16, dim=0) > 0.99
+    for k in change32:
+        if "running" in k:  # the statistics themselves, not their change
+            scale = change32[k].abs().max()
+            assert (change16[k] - change32[k]).abs().max() <= 0.05 * scale, k
