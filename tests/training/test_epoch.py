@@ -369,9 +369,9 @@ def sgd_step_in_precision(batch, amp):
     not inputs.cpu_runs_bf16(), reason="this CPU has no avx512_bf16 or AMX: amp stays float32"
 )
 def test_a_bf16_training_step_on_this_cpu_is_finite_and_close_to_float32():
-    """Measured on a 2-core Xeon with avx512_bf16 and AMX (torch 2.14): loss 2e-4 apart, the update's
-    cosine with float32's 0.9988 over all parameters (0.967 for the least alike tensor), the
-    change of BatchNorm's running statistics 2.7% apart at most."""
+    """Measured on a 2-core Xeon with avx512_bf16 and AMX (torch 2.14): loss 2e-4 apart, the
+    update's cosine with float32's 0.9988 over all parameters (0.967 for the least alike
+    tensor), the change of BatchNorm's running statistics 2.7% apart at most."""
     bits = np.zeros((2, 32, 64), np.uint8)
     bits[:, 8:20, 10:40] = 0b0101
     batch = uint8_batch(2, 32, 64, bits=bits)
