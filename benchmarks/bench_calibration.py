@@ -51,10 +51,11 @@ def batches(arrays, rng, steps, batch):
 
 def score(checkpoint: Path, test: Path, rules, device, batch: int) -> dict:
     table = predict.image_paths(test / "train_images", ["visible"])
-    actor = predict.Predictor(str(checkpoint), ["visible"], False, rules, device.type == "cuda")
+    actor = predict.Predictor(str(checkpoint), False, rules, device.type == "cuda")
     start = time.perf_counter()
-    out = [actor({k: v.to_numpy() for k, v in table.iloc[i : i + batch].items()})
-           for i in range(0, len(table), batch)]  # fmt: skip
+    rows = [{k: v.to_numpy() for k, v in table.iloc[i : i + batch].items()}
+            for i in range(0, len(table), batch)]  # fmt: skip
+    out = [predict.predict_in_process(actor, r, ["visible"]) for r in rows]
     seconds = time.perf_counter() - start
     results = pd.concat([pd.DataFrame(o) for o in out])
     submission = checkpoint / f"submission_{'calibrated' if rules else 'plain'}.csv"

@@ -1,6 +1,9 @@
-"""Batch prediction with Ray Data: a pool of actors holds the model, each image is predicted at its
-full size (padded to a multiple of 32), optionally averaged over flips, post-processed by the
-checkpoint's calibrated rules and turned into a Kaggle submission (four rows per image).
+"""Batch prediction with Ray Data, in three stages: CPU tasks read the JPEGs (``read_images``); a
+pool of actors holds the model and turns images into class masks (``Predictor``: each image at
+its full size, padded to a multiple of 32, optionally averaged over flips, post-processed by the
+checkpoint's calibrated rules); CPU tasks encode the masks as RLE (``encode_masks``). So the
+device never waits on a JPEG decode or an RLE encode. The result is a Kaggle submission (four
+rows per image).
 """
 
 import logging
@@ -83,46 +86,92 @@ def image_paths(
     return table
 
 
-class Predictor:
-    """A Ray Data actor: the model loaded once, then batches of image paths -> RLE strings."""
+def ragged(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """A column of arrays of different shapes, as Ray Data carries them."""
+    column = np.empty(len(arrays), dtype=object)
+    for i, array in enumerate(arrays):
+        column[i] = array
+    return column
 
-    def __init__(
-        self,
-        checkpoint: str,
-        modalities: Sequence[str],
-        tta: bool,
-        rules: dict | None,
-        use_gpu: bool,
-    ):
+
+def read_images(batch: dict[str, np.ndarray], modalities: Sequence[str]) -> dict[str, np.ndarray]:
+    """The CPU stage before the model: image paths -> ``image`` (H, W, C) uint8 arrays, an
+    unreadable image's empty, with its ``error``."""
+    columns = images.path_columns(list(modalities))
+    channels = images.in_channels(modalities)
+    read, errors = [], []
+    for i in range(len(batch["image_id"])):
+        try:
+            read.append(images.read_stack([batch[c][i] for c in columns]))
+            errors.append("")
+        except SteelsegError as e:
+            read.append(np.zeros((0, 0, channels), np.uint8))
+            errors.append(str(e))
+    return {
+        "image_id": batch["image_id"],
+        "image": ragged(read),
+        "error": np.array(errors, dtype=object),
+    }
+
+
+# reading and encoding are light (a JPEG decode and an RLE encode: milliseconds an image, the
+# model's forward a second on a CPU), so their tasks take half a CPU; with resources other than
+# the model actors' they also stay tasks of their own, which Ray Data would otherwise fuse into
+# the actors (a task stage fuses into a following actor pool whose resources match)
+LIGHT_STAGE_CPUS = 0.5
+
+CLASS_BITS = (1 << np.arange(N_CLASSES, dtype=np.uint8)).reshape(1, -1, 1, 1)
+
+
+class Predictor:
+    """A Ray Data actor: the model loaded once, then batches of images -> ``bits`` (H, W) uint8
+    masks, bit c set where class c + 1 is found after the rules."""
+
+    def __init__(self, checkpoint: str, tta: bool, rules: dict | None, use_gpu: bool):
         self.device = device_for(use_gpu)
         model, config, _ = load_checkpoint(checkpoint)
         self.amp = config.amp
         self.model = prepare(model, self.device, self.amp)
-        self.columns = images.path_columns(list(modalities))
         self.tta = tta
         self.rules = postprocess.Rules.from_dict(rules) if rules else postprocess.Rules.plain()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["image_id"])
-        encoded = [[""] * n for _ in range(N_CLASSES)]
-        errors = [""] * n
-        paths = [[batch[col][i] for col in self.columns] for i in range(n)]
+        bits = [np.zeros((0, 0), np.uint8)] * n
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i in range(n):
+            if not batch["error"][i]:
+                by_size.setdefault(batch["image"][i].shape[:2], []).append(i)
+        for indices in by_size.values():
+            stack = np.stack([batch["image"][i] for i in indices])
+            probs = probability_tensor(self.model, stack, self.device, self.tta, self.amp)
+            masks, _ = self.rules.apply_batch(probs)
+            packed = (masks * CLASS_BITS).sum(axis=1, dtype=np.uint8)
+            for i, mask in zip(indices, packed):
+                bits[i] = mask
+        return {"image_id": batch["image_id"], "bits": ragged(bits), "error": batch["error"]}
 
-        def unreadable(i: int, error: SteelsegError) -> None:
-            errors[i] = str(error)
 
-        for indices, probs in predict_by_size(
-            self.model, paths, self.device, self.tta, on_error=unreadable, amp=self.amp
-        ):
-            masks, present = self.rules.apply_batch(probs)
-            for i, image_masks, image_present in zip(indices, masks, present):
-                for c in np.flatnonzero(image_present):
-                    encoded[c][i] = rle.encode(image_masks[c])
-        return {
-            "image_id": batch["image_id"],
-            **{col: np.array(encoded[c], dtype=object) for c, col in enumerate(RLE_COLUMNS)},
-            "error": np.array(errors, dtype=object),
-        }
+def encode_masks(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The CPU stage after the model: each image's class bits -> an RLE string per class."""
+    encoded = {col: [] for col in RLE_COLUMNS}
+    for bits in batch["bits"]:
+        for c, col in enumerate(RLE_COLUMNS):
+            mask = (bits >> c) & 1
+            encoded[col].append(rle.encode(mask) if mask.any() else "")
+    return {
+        "image_id": batch["image_id"],
+        **{col: np.array(values, dtype=object) for col, values in encoded.items()},
+        "error": batch["error"],
+    }
+
+
+def predict_in_process(
+    predictor: Predictor, batch: dict[str, np.ndarray], modalities: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """The three stages one after the other in this process, for a batch of image paths (Ray
+    Data runs them apart): image_id, the RLE string of each class and error."""
+    return encode_masks(predictor(read_images(batch, modalities)))
 
 
 def predict_by_size(
@@ -194,15 +243,19 @@ def predict(
     init_ray(actors + 1, progress_bars=progress)
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    blocks = max(1, -(-len(table) // batch_size))
     results = (
-        ray.data.from_items(
-            table.to_dict("records"), override_num_blocks=max(1, -(-len(table) // batch_size))
+        ray.data.from_items(table.to_dict("records"), override_num_blocks=blocks)
+        .map_batches(
+            read_images,
+            fn_kwargs={"modalities": config.modalities},
+            batch_size=batch_size,
+            num_cpus=LIGHT_STAGE_CPUS,
         )
         .map_batches(
             Predictor,
             fn_constructor_kwargs={
                 "checkpoint": folder.target,
-                "modalities": config.modalities,
                 "tta": tta,
                 "rules": rules.to_dict(),
                 "use_gpu": use_gpu,
@@ -212,6 +265,7 @@ def predict(
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=1 if use_gpu else 0,
         )
+        .map_batches(encode_masks, batch_size=batch_size, num_cpus=LIGHT_STAGE_CPUS)
         .to_pandas()
     )
     failed = results[results["error"] != ""]

@@ -316,7 +316,7 @@ def test_prediction_follows_the_checkpoints_amp(monkeypatch, tmp_path, amp):
     """A run trained with --no-amp is predicted in float32 and one with amp in bf16, here on a
     CPU that reports bf16 instructions (torch runs CPU autocast on any CPU, if slower)."""
     from steelseg.config import TrainConfig
-    from steelseg.inference.predict import Predictor
+    from steelseg.inference.predict import Predictor, predict_in_process
     from steelseg.training import recipe
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
@@ -329,10 +329,11 @@ def test_prediction_follows_the_checkpoints_amp(monkeypatch, tmp_path, amp):
     )
     path = tmp_path / "a.jpg"
     Image.fromarray(np.full((32, 64, 3), 128, np.uint8)).save(path)
-    predictor = Predictor(str(checkpoint), ["visible"], tta=False, rules=None, use_gpu=False)
+    predictor = Predictor(str(checkpoint), tta=False, rules=None, use_gpu=False)
     dtypes = []
     predictor.model.encoder.conv1.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
-    out = predictor({"image_id": np.array(["a.jpg"]), "path": np.array([str(path)])})
+    batch = {"image_id": np.array(["a.jpg"]), "path": np.array([str(path)])}
+    out = predict_in_process(predictor, batch, ["visible"])
     assert out["error"].tolist() == [""]
     assert dtypes == [torch.bfloat16 if amp else torch.float32]
 

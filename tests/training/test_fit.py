@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -349,3 +350,58 @@ The above exception was the direct cause of the following exception:
 ray::MapBatches(read_batch)()
 ray.exceptions.UserCodeException: UDF failed to process a data block.
 Failed to apply UDF transform after 1/1 attempts (total backoff 0.0s)."""
+
+
+def test_a_run_whose_worker_fails_ends_in_one_line_naming_the_workers_error(
+    trained_run, data_copy, tmp_path, monkeypatch, capsys
+):
+    """`steelseg train` on the test cluster (after the shared run, whose CPUs it would wait
+    for), an image lost after the data set was checked: the worker's read fails, Ray Train
+    raises TrainingFailedError, and the command says what the worker said, in one line."""
+    from steelseg.cli import main
+    from steelseg.training import fit as fitting
+
+    lost = sorted((data_copy / "train_images").iterdir())[0]
+    build = fitting.build_trainer
+
+    def build_and_lose_an_image(*args):
+        lost.unlink()
+        return build(*args)
+
+    monkeypatch.setattr(fitting, "build_trainer", build_and_lose_an_image)
+    argv = ["train", "--data", str(data_copy), "--storage", str(tmp_path), "--name", "failing",
+            "--epochs", "1", "--num-workers", "1", "--max-failures", "0", "--batch-size", "4",
+            "--crop-height", "32", "--crop-width", "160"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 1
+    assert capsys.readouterr().err == f"steelseg: error: training failed: {lost}: no such image\n"
+
+
+def test_a_ranks_batches_of_an_epoch_are_the_same_in_every_run(cluster, synth_dir):
+    """Ray Data on the test cluster, twice for the same rank and epoch (as a resumed run reads
+    it): the same images in the same order with the same crops; another epoch differs."""
+    import ray.data
+
+    from steelseg.config import TrainConfig
+    from steelseg.data import catalog, pipeline
+
+    table = catalog.load(synth_dir, decode_images=False)
+    config = TrainConfig(crop_height=32, crop_width=160, seed=3)
+    context = ray.data.DataContext.get_current()
+    kept = (context.execution_options.preserve_order, context.enable_progress_bars)
+    try:
+        pipeline.ordered_context()
+
+        def read(epoch):
+            rows = pipeline.train_rows(table, config.seed, epoch, rank=1, world=2)
+            dataset = pipeline.train_dataset(rows, config, epoch)
+            return list(dataset.iter_batches(batch_size=4))
+
+        first, again, other = read(2), read(2), read(3)
+    finally:
+        context.execution_options.preserve_order, context.enable_progress_bars = kept
+    assert sum(len(b["image"]) for b in first) == 30  # half of 60
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["mask"], b["mask"])
+    assert not all(np.array_equal(a["image"], b["image"]) for a, b in zip(first, other))
