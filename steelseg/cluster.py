@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import uuid
 from collections.abc import Callable
@@ -119,6 +120,48 @@ def _init(num_cpus: int, verbose: bool) -> str:
     ray.init(address="local", num_cpus=cpus, include_dashboard=verbose, **quiet)
     log.info("started a local Ray with %d CPUs", cpus)
     return ""
+
+
+# --- Ray's notes on this process's console ------------------------------------------------------
+
+# Ray's C++ core prints this at its ERROR level for every Ray Data actor pool it starts (Ray
+# Data passes the actors' arguments through the object store and restarts lost actors):
+# ray-project/ray#57733, a note about Ray's own design that the user can do nothing about
+ACTOR_ARGUMENTS_NOTE = b"has constructor arguments in the object store and max_restarts > 0"
+
+
+@contextlib.contextmanager
+def without_ray_notes(notes: tuple[bytes, ...] = (ACTOR_ARGUMENTS_NOTE,)):
+    """Leave out of this process's stderr the lines holding one of ``notes``, while the block
+    runs. Ray's core writes them to file descriptor 2 from C++, past Python's logging, so the
+    descriptor itself is passed through a pipe that a thread copies, line by line; every other
+    line reaches the console as it was written."""
+    sys.stderr.flush()
+    console = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def copy() -> None:
+        pending = b""
+        with os.fdopen(read_end, "rb", buffering=0) as pipe:
+            while chunk := pipe.read(65536):
+                *lines, pending = (pending + chunk).split(b"\n")
+                kept = [line + b"\n" for line in lines if not any(n in line for n in notes)]
+                if kept:
+                    os.write(console, b"".join(kept))
+        if pending and not any(n in pending for n in notes):
+            os.write(console, pending)
+
+    thread = threading.Thread(target=copy, name="steelseg-stderr", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(console, 2)  # the pipe's last writer closed: the thread reads to its end
+        thread.join(timeout=10)
+        os.close(console)
 
 
 # --- local paths on a cluster of several nodes -------------------------------------------------

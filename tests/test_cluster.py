@@ -147,3 +147,15 @@ def test_every_node_of_the_test_cluster_sees_a_local_folder(cluster, tmp_path):
     assert len(seen) == 2 and len(set(seen.values())) == 2  # one answer a node
     check_shared(locate(tmp_path, "storage"), "storage", write=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_rays_note_on_actor_pools_is_left_out_of_the_console_and_nothing_else(capfd):
+    """Ray's C++ core writes to file descriptor 2 itself: the filter works on the descriptor."""
+    from steelseg.cluster import ACTOR_ARGUMENTS_NOTE, without_ray_notes
+
+    note = b"[2026 E 1 1] core_worker.cc:2465: Actor 'MapWorker' " + ACTOR_ARGUMENTS_NOTE + b".\n"
+    with without_ray_notes():
+        os.write(2, b"before\n" + note + b"after")
+        os.write(2, b" the note\n")
+    os.write(2, b"restored\n")
+    assert capfd.readouterr().err == "before\nafter the note\nrestored\n"

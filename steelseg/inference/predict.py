@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from steelseg.cluster import init_ray
+from steelseg.cluster import init_ray, without_ray_notes
 from steelseg.data import catalog, images, rle
 from steelseg.domain import N_CLASSES, RLE_COLUMNS, SUBMISSION_HEADER
 from steelseg.errors import SteelsegError
@@ -244,30 +244,31 @@ def predict(
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     blocks = max(1, -(-len(table) // batch_size))
-    results = (
-        ray.data.from_items(table.to_dict("records"), override_num_blocks=blocks)
-        .map_batches(
-            read_images,
-            fn_kwargs={"modalities": config.modalities},
-            batch_size=batch_size,
-            num_cpus=LIGHT_STAGE_CPUS,
+    with without_ray_notes():  # one per actor pool: see steelseg.cluster
+        results = (
+            ray.data.from_items(table.to_dict("records"), override_num_blocks=blocks)
+            .map_batches(
+                read_images,
+                fn_kwargs={"modalities": config.modalities},
+                batch_size=batch_size,
+                num_cpus=LIGHT_STAGE_CPUS,
+            )
+            .map_batches(
+                Predictor,
+                fn_constructor_kwargs={
+                    "checkpoint": folder.target,
+                    "tta": tta,
+                    "rules": rules.to_dict(),
+                    "use_gpu": use_gpu,
+                },
+                batch_size=batch_size,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=actors),
+                num_gpus=1 if use_gpu else 0,
+            )
+            .map_batches(encode_masks, batch_size=batch_size, num_cpus=LIGHT_STAGE_CPUS)
+            .to_pandas()
         )
-        .map_batches(
-            Predictor,
-            fn_constructor_kwargs={
-                "checkpoint": folder.target,
-                "tta": tta,
-                "rules": rules.to_dict(),
-                "use_gpu": use_gpu,
-            },
-            batch_size=batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_gpus=1 if use_gpu else 0,
-        )
-        .map_batches(encode_masks, batch_size=batch_size, num_cpus=LIGHT_STAGE_CPUS)
-        .to_pandas()
-    )
     failed = results[results["error"] != ""]
     if strict and len(failed):
         raise SteelsegError(
