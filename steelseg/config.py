@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import posixpath
 import types
@@ -169,6 +170,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Every check of the values; raises SteelsegError naming the field and the value."""
+        self._check_finite()
         at_least = {
             1: (
                 "epochs",
@@ -190,6 +192,8 @@ class TrainConfig:
         for name in ("cpus_per_worker", "lr"):
             if getattr(self, name) <= 0:
                 _bad(name, "must be positive", getattr(self, name))
+        if self.weight_decay < 0:
+            _bad("weight_decay", "must be >= 0", self.weight_decay)
         if self.bce_weight < 0 or self.dice_weight < 0 or self.bce_weight + self.dice_weight == 0:
             raise SteelsegError(
                 f"config bce_weight and dice_weight must be >= 0 and not both 0, "
@@ -228,6 +232,16 @@ class TrainConfig:
             check_uri(getattr(self, name), f"config {name}")
         if self.pos_weight is not None and len(self.pos_weight) != N_CLASSES:
             _bad("pos_weight", f"needs {N_CLASSES} values", self.pos_weight)
+        if self.pos_weight is not None and min(self.pos_weight) <= 0:
+            _bad("pos_weight", "must be positive", self.pos_weight)
+
+    def _check_finite(self) -> None:
+        # first: NaN fails no comparison, so every range check below would let it through
+        for name in FIELDS:
+            value = getattr(self, name)
+            numbers = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                _bad(name, "must be a finite number", value)
 
     @property
     def workers(self) -> int | tuple[int, int]:

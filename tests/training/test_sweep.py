@@ -110,6 +110,9 @@ def test_best_config_is_a_config_the_train_job_takes(sweep_run, tmp_path):
         ({"lr": {"loguniform": ["fast", 1e-2]}}, "lr takes float values, got 'fast'"),
         ({"batch_size": {"choice": [4, 4.5]}}, "batch_size takes int values, got 4.5"),
         ({"lr": {"uniform": [-1, 1]}}, "lr must be positive"),
+        ({"lr": {"loguniform": [1e-4, "inf"]}}, "search space: config lr must be a finite number"),
+        ({"weight_decay": {"choice": [0, "-inf"]}}, "weight_decay must be a finite number"),
+        ({"dice_weight": {"uniform": [0, float("inf")]}}, "dice_weight must be a finite number"),
     ],
 )
 def test_bad_search_space_is_an_error(spec, message):
