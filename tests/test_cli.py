@@ -195,3 +195,25 @@ def test_a_run_barely_above_predicting_nothing_ends_saying_what_it_takes(
     else:
         assert "from random weights the network needs" in note
         assert note.endswith(", or --pretrained imagenet")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["predict", "--checkpoint", "run", "--images", "i", "--threshold", "nan"],
+         "argument --threshold: must be in (0, 1), got nan"),
+        (["predict", "--checkpoint", "run", "--images", "i", "--threshold", "1"],
+         "argument --threshold: must be in (0, 1), got 1"),
+        (["tensorboard", "missing", "--every", "nan"],
+         "argument --every: must be a positive number of seconds, got nan"),
+        (["tensorboard", "missing", "--every", "inf"],
+         "argument --every: must be a positive number of seconds, got inf"),
+        (["tensorboard", "missing", "--every", "-1"],
+         "argument --every: must be a positive number of seconds, got -1"),
+    ],
+)  # fmt: skip
+def test_float_flags_out_of_range_or_not_finite_are_usage_errors(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path / a) if a in ("run", "i", "missing") else a for a in argv])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(message)

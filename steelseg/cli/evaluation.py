@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -113,11 +114,18 @@ def submission_samples(table, submission: str, count: int) -> list:
     return samples
 
 
+def seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < math.inf:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def tensorboard_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a run or sweep: folder or s3://, gs:// URI")
     p.add_argument("--port", type=int, default=6006, help="TensorBoard's port (default 6006)")
     p.add_argument(
-        "--every", type=float, default=30.0, help="seconds between syncs while it runs (30)"
+        "--every", type=seconds, default=30.0, help="seconds between syncs while it runs (30)"
     )
     p.add_argument("--cache", help="local folder for the copies (default: under ~/.cache)")
 

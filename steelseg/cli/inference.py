@@ -25,6 +25,13 @@ def positive(text: str) -> int:
     return value
 
 
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
 def use_gpu_argument(p: argparse.ArgumentParser, default_help: str) -> None:
     p.add_argument(
         "--use-gpu", action=argparse.BooleanOptionalAction, default=None, help=default_help
@@ -42,7 +49,7 @@ def predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--uncalibrated", action="store_true", help="ignore the calibrated rules; use --threshold"
     )
-    p.add_argument("--threshold", type=float, default=0.5, help="without calibration (0.5)")
+    p.add_argument("--threshold", type=probability, default=0.5, help="without calibration (0.5)")
     p.add_argument(
         "--strict", action="store_true", help="an unreadable image is an error (default: reported)"
     )
