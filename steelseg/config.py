@@ -351,7 +351,8 @@ def field_type(name: str) -> tuple[type, type | None, bool]:
 
 def coerce(name: str, value: Any, source: str) -> Any:
     """``value`` as field ``name``'s type: an int where a float is expected is fine, a list's
-    elements are checked, and strings (from flags) are converted.
+    elements are checked, and numeric strings are converted: flags are strings, and YAML reads
+    ``1e-3`` (no dot) as one.
 
     Raises:
         SteelsegError: the value is not of the field's type.
@@ -367,7 +368,7 @@ def coerce(name: str, value: Any, source: str) -> Any:
 
 
 def _scalar(name: str, value: Any, kind: type, source: str) -> Any:
-    if isinstance(value, str) and kind in (int, float) and source == COMMAND_LINE:
+    if isinstance(value, str) and kind in (int, float):
         try:
             return kind(value)
         except ValueError:

@@ -30,6 +30,15 @@ def test_flags_override_file_and_defaults(tmp_path):
     assert config.batch_size == TrainConfig().batch_size
 
 
+def test_numbers_yaml_reads_as_strings_are_numbers(tmp_path):
+    (tmp_path / "run.yaml").write_text("lr: 1e-3\nweight_decay: 5e-5\npos_weight: [1, 2e0, 1, 1]\n")
+    assert read_config_file(tmp_path / "run.yaml")["lr"] == "1e-3"  # YAML 1.1: no dot, a string
+    config = parse("--config", str(tmp_path / "run.yaml"))
+    assert (config.lr, config.weight_decay) == (0.001, 5e-5)
+    assert config.pos_weight == [1.0, 2.0, 1.0, 1.0]
+    assert TrainConfig.from_dict({"epochs": "3"}).epochs == 3
+
+
 def test_json_file_and_list_flags(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"use_gpu": True, "bce_weight": 1}))
     config = parse("--config", str(tmp_path / "run.json"), "--pos-weight", "2,1,1,3")
@@ -42,6 +51,7 @@ def test_json_file_and_list_flags(tmp_path):
     [
         ("lrr: 1\n", "run.yaml: unknown config key(s) lrr"),
         ("lr: fast\n", "run.yaml: config lr must be float, got 'fast'"),
+        ("epochs: 1e3\n", "run.yaml: config epochs must be int, got '1e3'"),
         ("- 1\n", "run.yaml: expected a mapping of config keys, got list"),
         ("lr: [\n", "run.yaml: not valid yaml"),
         ("crop_height: 100\n", "crop_height must be a multiple of 32, got 100"),
