@@ -439,7 +439,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise SteelsegError(f"{path}: no such config file")
     suffix = posixpath.splitext(path.name)[1]
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8-sig")  # a BOM, as Windows editors write
         values = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
     except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
         reason = " ".join(str(e).split())

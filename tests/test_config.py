@@ -39,8 +39,9 @@ def test_numbers_yaml_reads_as_strings_are_numbers(tmp_path):
     assert TrainConfig.from_dict({"epochs": "3"}).epochs == 3
 
 
-def test_json_file_and_list_flags(tmp_path):
-    (tmp_path / "run.json").write_text(json.dumps({"use_gpu": True, "bce_weight": 1}))
+@pytest.mark.parametrize("bom", ["", "\ufeff"])  # as Windows editors save UTF-8
+def test_json_file_and_list_flags(tmp_path, bom):
+    (tmp_path / "run.json").write_text(bom + json.dumps({"use_gpu": True, "bce_weight": 1}))
     config = parse("--config", str(tmp_path / "run.json"), "--pos-weight", "2,1,1,3")
     assert config.use_gpu is True and config.bce_weight == 1.0
     assert config.pos_weight == [2.0, 1.0, 1.0, 3.0]

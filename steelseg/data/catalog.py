@@ -77,7 +77,7 @@ def read_masks(
     """
     location = locate(csv_path, "CSV file")
     try:
-        text = location.read_text()
+        text = location.read_bytes().decode("utf-8-sig")  # Excel's "CSV UTF-8" starts with a BOM
     except UnicodeDecodeError as e:
         raise SteelsegError(f"{location}: not a readable CSV file ({e})") from None
     try:

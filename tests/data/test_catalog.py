@@ -156,3 +156,13 @@ def test_summary_counts(real_dir):
     assert s["masks"] == {1: 0, 2: 0, 3: 1, 4: 1}
     assert s["mean_area_fraction"][4] == pytest.approx(24515 / (256 * 1600))
     assert np.isclose(s["mean_area_fraction"][1], 0.0)
+
+
+def test_a_csv_with_a_byte_order_mark_reads_as_without(data_copy):
+    """Excel's "CSV UTF-8" starts the file with a UTF-8 byte-order mark."""
+    plain, _ = catalog.scan(data_copy)
+    text = (data_copy / "train.csv").read_text()
+    (data_copy / "train.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    table, problems = catalog.scan(data_copy)
+    assert problems == []
+    pd.testing.assert_frame_equal(table, plain)

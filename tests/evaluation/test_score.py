@@ -66,3 +66,15 @@ def test_evaluate_names_the_truth_file_and_row_of_a_bad_rle(real_dir, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.count("\n") == 0
     assert f"{truth} row {len(lines) + 1}: bad RLE for image {names[0]} class 2" in err
+
+
+def test_a_submission_with_a_byte_order_mark_scores_as_without(real_dir, tmp_path):
+    from steelseg.evaluation.score import read_rows, score_submission
+
+    images = real_dir / "train_images"
+    names = catalog.list_images(images)
+    rows = read_rows(real_dir / "train.csv")
+    truth = {name: {c: row.rle for c, row in by_class.items()} for name, by_class in rows.items()}
+    path = write_submission(tmp_path / "p.csv", truth, names)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # Excel's "CSV UTF-8"
+    assert score_submission(real_dir / "train.csv", images, path).kaggle_dice == 1.0
