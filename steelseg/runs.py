@@ -143,13 +143,19 @@ def best_checkpoint(run: Where) -> Location:
 
 
 def resolve_checkpoint(where: Where) -> Location:
-    """A checkpoint folder from a checkpoint, a training run (its best checkpoint) or a sweep
-    (its best trial's best checkpoint).
+    """A checkpoint folder from a checkpoint (its folder or its model.pt), a training run (its
+    best checkpoint) or a sweep (its best trial's best checkpoint).
 
     Raises:
         SteelsegError: the path is none of these.
     """
     place = locate(where, "checkpoint")
+    if place.is_file():
+        if place.name == MODEL_FILE:
+            return place.parent
+        raise SteelsegError(
+            f"{place}: a file; give a checkpoint (its folder or its {MODEL_FILE}), a run or a sweep"
+        )
     if (place / MODEL_FILE).is_file():
         return place
     if (place / BEST_MODEL_FILE).is_file():

@@ -15,6 +15,7 @@ from steelseg.runs import (
     read_calibration,
     read_history,
     read_split,
+    resolve_checkpoint,
     save_rules,
     trim_history,
 )
@@ -38,6 +39,19 @@ def test_best_checkpoint_is_the_best_kept_epoch_and_the_later_one_on_a_tie(tmp_p
     assert best_checkpoint(run).name == "epoch_0001"  # an undefined score ranks last
     with pytest.raises(SteelsegError, match="no checkpoint"):
         best_checkpoint(write_run(tmp_path / "c", {1: 0.5}, kept=[]))
+
+
+def test_a_checkpoints_model_file_resolves_to_its_folder_and_another_file_is_named(tmp_path):
+    run = write_run(tmp_path / "run", {1: 0.8, 2: 0.9}, kept=[1, 2])
+    assert resolve_checkpoint(run / "epoch_0001" / MODEL_FILE).path == str(run / "epoch_0001")
+    assert resolve_checkpoint(run / "epoch_0001").path == str(run / "epoch_0001")
+    assert resolve_checkpoint(run).path == str(run / "epoch_0002")
+    with pytest.raises(SteelsegError) as info:
+        resolve_checkpoint(run / "history.jsonl")
+    assert str(info.value) == (
+        f"{run / 'history.jsonl'}: a file; give a checkpoint (its folder or its model.pt), a run "
+        "or a sweep"
+    )
 
 
 def test_trim_history_drops_the_epochs_after_the_restored_checkpoint(tmp_path):

@@ -12,9 +12,10 @@ Predict defect masks for a folder of images into a Kaggle submission, with Ray D
     ray job submit --working-dir . -- python -m ray_jobs.predict --checkpoint /shared/runs/sweep1 \\
         --images /data/severstal/test_images --out /shared/submission.csv --actors 4 --tta
 
---checkpoint is a checkpoint folder, a training run (its best checkpoint) or a Tune sweep (its
-best trial's). Post-processing is the checkpoint's calibrated rules (`steelseg calibrate`) when it
-has them, else --threshold. Each image is predicted at its full size, whatever the training crop.
+--checkpoint is a checkpoint folder (or its model.pt), a training run (its best checkpoint) or a
+Tune sweep (its best trial's). Post-processing is the checkpoint's calibrated rules (`steelseg
+calibrate`) when it has them, else --threshold. Each image is predicted at its full size, whatever
+the training crop.
 """
 
 
