@@ -272,12 +272,12 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any], source: str = "") -> "TrainConfig":
         """Raises SteelsegError naming any unknown key, or a value of the wrong type, and the
-        source it came from."""
+        source it came from (when given)."""
         unknown = sorted(set(values) - set(FIELDS))
         if unknown:
-            raise SteelsegError(f"{source}: unknown config key(s) {', '.join(unknown)}")
+            raise SteelsegError(f"{_at(source)}unknown config key(s) {', '.join(unknown)}")
         values = _worker_range(values, source)
         return cls(**{k: coerce(k, v, source) for k, v in values.items()})
 
@@ -298,10 +298,10 @@ def _worker_range(values: dict[str, Any], source: str) -> dict[str, Any]:
         low, high = int(low), int(high)
     except ValueError:
         raise SteelsegError(
-            f"{source}: config num_workers must be a number or MIN..MAX, got {workers!r}"
+            f"{_at(source)}config num_workers must be a number or MIN..MAX, got {workers!r}"
         ) from None
     if not 1 <= low <= high:
-        raise SteelsegError(f"{source}: config num_workers {workers}: need 1 <= MIN <= MAX")
+        raise SteelsegError(f"{_at(source)}config num_workers {workers}: need 1 <= MIN <= MAX")
     return {**values, "min_workers": low, "num_workers": high}
 
 
@@ -362,7 +362,7 @@ def coerce(name: str, value: Any, source: str) -> Any:
         return None
     if kind is list:
         if not isinstance(value, list | tuple):
-            raise SteelsegError(f"{source}: config {name} must be a list, got {value!r}")
+            raise SteelsegError(f"{_at(source)}config {name} must be a list, got {value!r}")
         return [_scalar(name, v, element, source) for v in value]
     return _scalar(name, value, kind, source)
 
@@ -377,7 +377,12 @@ def _scalar(name: str, value: Any, kind: type, source: str) -> Any:
         return float(value)
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
-    raise SteelsegError(f"{source}: config {name} must be {kind.__name__}, got {value!r}")
+    raise SteelsegError(f"{_at(source)}config {name} must be {kind.__name__}, got {value!r}")
+
+
+def _at(source: str) -> str:
+    """How a message names where a value came from: ``run.yaml: ``, or nothing when unsaid."""
+    return f"{source}: " if source else ""
 
 
 COMMAND_LINE = "command line"
