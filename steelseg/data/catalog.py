@@ -4,13 +4,18 @@
 and returns the table with every problem it found; ``load`` is the strict form used for
 training; ``split`` makes the train/validation split; ``save`` and ``read`` keep the table as
 Parquet.
+
+Names match exactly, case included, as Kaggle's ids and object-store keys do: a row for
+``118060761.jpg`` does not name ``train_images/118060761.JPG``. Such a row is a problem that names
+the file differing only in case, and is tied to that image, so that ``load(drop_bad=True)`` drops
+it: an image that rows name is never kept without its masks, as if it were defect-free.
 """
 
 import csv
 import io
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -274,16 +279,30 @@ def scan(
         )
     problems += image_problems
 
-    known = set(image_ids)
+    known, folded = set(image_ids), _by_folded_case(image_ids)
     for row in rows:
         if row.image_id not in known:
-            message = f"image {row.image_id} is not in {first}/"
-            problems.append(Problem(f"train.csv row {row.line}", message, row.image_id))
+            problems.append(_missing_image(row, folded, first))
     rows = [r for r in rows if r.image_id in known]
     bad_images = {p.image_id for p in image_problems}
     problems += _check_rle(table, rows, bad_images, "train.csv")
     _add_masks(table, rows)
     return table, problems
+
+
+def _missing_image(row: MaskRow, folded: dict[str, str], folder: str) -> Problem:
+    """A row whose image is not in the folder. An image whose name differs only in case is named,
+    and the problem is tied to it: ``load(drop_bad=True)`` drops it rather than keep it as a
+    defect-free image."""
+    message = f"image {row.image_id} is not in {folder}/"
+    other = folded.get(row.image_id.casefold())
+    if other:
+        message += f" ({other} differs only in case)"
+    return Problem(f"train.csv row {row.line}", message, other or row.image_id)
+
+
+def _by_folded_case(names: Iterable[str]) -> dict[str, str]:
+    return {name.casefold(): name for name in names}
 
 
 def _add_modality(
@@ -300,10 +319,13 @@ def _add_modality(
     listed = set(list_images(data / folder))
     table[f"path_{modality}"] = [(data / folder / i).target for i in table["image_id"]]
     present = table["image_id"].isin(listed)
-    problems = [
-        Problem(f"{folder}/{image_id}", f"missing (modality {modality!r})", image_id)
-        for image_id in table.loc[~present, "image_id"]
-    ]
+    problems, folded = [], _by_folded_case(listed)
+    for image_id in table.loc[~present, "image_id"]:
+        other = folded.get(image_id.casefold())
+        note = f"; {other} differs only in case" if other else ""
+        problems.append(
+            Problem(f"{folder}/{image_id}", f"missing (modality {modality!r}{note})", image_id)
+        )
     found = table.loc[present, ["image_id", f"path_{modality}"]].rename(
         columns={f"path_{modality}": "path"}
     )
