@@ -377,6 +377,17 @@ def load(
     return table[keep].reset_index(drop=True)
 
 
+def nothing_to_learn(table: pd.DataFrame, data_dir: "str | os.PathLike | Location") -> str | None:
+    """The warning for a data set in which no image has a defect, None when some have: trained on
+    it, a model can only learn to predict no defect anywhere."""
+    if table[HAS_COLUMNS].to_numpy().any():
+        return None
+    return (
+        f"{data_dir}: none of the {len(table)} images has a defect (no train.csv row with "
+        "EncodedPixels): there is nothing to learn but predicting no defect"
+    )
+
+
 def presence_pattern(table: pd.DataFrame) -> pd.Series:
     """'0010' for an image with class 3 only, '0000' for a defect-free image."""
     return table[HAS_COLUMNS].astype(int).astype(str).agg("".join, axis=1)

@@ -73,6 +73,8 @@ def load_split(
         report=log.warning,
         inspect=inspect,
     )
+    if note := catalog.nothing_to_learn(table, data):
+        log.warning(note)
     if len(table) < 2 * config.num_workers:
         raise SteelsegError(
             f"{data}: {len(table)} images are too few for {config.num_workers} workers"

@@ -209,3 +209,13 @@ def test_an_extra_modality_image_that_differs_only_in_case_is_named(data_copy):
     assert messages(problems) == [
         f"train_images_ir/{image_id}: missing (modality 'ir'; {upper} differs only in case)"
     ]
+
+
+def test_nothing_to_learn_only_without_any_defect(synth_dir):
+    table, _ = catalog.scan(synth_dir)
+    assert catalog.nothing_to_learn(table, "d") is None
+    one = table.assign(**dict.fromkeys(HAS_COLUMNS, False))
+    one.loc[5, "has_2"] = True
+    assert catalog.nothing_to_learn(one, "d") is None
+    clean = table.assign(**dict.fromkeys(HAS_COLUMNS, False))
+    assert catalog.nothing_to_learn(clean, "d").startswith("d: none of the 60 images has a defect")

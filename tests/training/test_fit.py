@@ -192,3 +192,21 @@ def test_fit_trains_on_the_oversampled_split_keeps_the_split_and_calibrates_the_
     assert result.best_checkpoint.name == "epoch_0002"
     assert calibrated == ([result.best_checkpoint] if calibrate else [])
     assert result.calibration == ({"ok": 1} if calibrate else None)
+
+
+def test_a_data_set_without_a_defect_is_warned_of_before_training(
+    data_copy, tmp_path, steelseg_log
+):
+    from steelseg.config import TrainConfig
+    from steelseg.training.fit import load_split
+
+    config = TrainConfig(data=str(data_copy), storage=str(tmp_path))
+    load_split(config)
+    assert steelseg_log == []
+    (data_copy / "train.csv").write_text("ImageId,ClassId,EncodedPixels\n")
+    train, val = load_split(config)
+    assert len(train) + len(val) == 60
+    assert steelseg_log == [
+        f"warning: {data_copy}: none of the 60 images has a defect (no train.csv row with "
+        "EncodedPixels): there is nothing to learn but predicting no defect"
+    ]
