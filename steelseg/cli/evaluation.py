@@ -96,9 +96,9 @@ def submission_samples(table, submission: str, count: int) -> list:
     from steelseg.storage import locate
 
     submission = locate(submission, "submission")
-    listed: set[str] = set()
+    listed: set[tuple[str, int]] = set()
     predicted = score.read_rows(submission, listed)
-    shown = table[table["image_id"].isin(listed)]
+    shown = table[table["image_id"].isin({image for image, _ in listed})]
     if shown.empty:
         raise SteelsegError(f"{submission}: none of its images is in the data folder")
     defect = shown[HAS_COLUMNS].any(axis=1) | shown["image_id"].isin(predicted)

@@ -71,11 +71,11 @@ def modality_dir(modality: str) -> str:
 
 
 def read_masks(
-    csv_path: "str | os.PathLike | Location", listed: set[str] | None = None
+    csv_path: "str | os.PathLike | Location", listed: set[tuple[str, int]] | None = None
 ) -> tuple[list[MaskRow], list[Problem]]:
     """Read train.csv in either format (or a submission), local or in a bucket, into non-empty
-    mask rows and per-row problems; ``listed`` collects every image the file names, empty rows
-    included.
+    mask rows and per-row problems; ``listed`` collects every (image, class) pair the file has a
+    row for, empty rows included.
 
     Raises:
         SteelsegError: the file is missing or its header is neither known format.
@@ -92,7 +92,7 @@ def read_masks(
 
 
 def _read_mask_rows(
-    reader, name: str, listed: set[str] | None = None
+    reader, name: str, listed: set[tuple[str, int]] | None = None
 ) -> tuple[list[MaskRow], list[Problem]]:
     header = tuple(next(reader, ()))
     if header not in HEADERS:
@@ -123,7 +123,7 @@ def _read_mask_rows(
             continue
         class_id = int(class_text)
         if listed is not None:
-            listed.add(image_id)
+            listed.add((image_id, class_id))
         if (image_id, class_id) in seen:
             first = seen[(image_id, class_id)]
             problems.append(
