@@ -43,6 +43,7 @@ def predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint, run or sweep folder")
     p.add_argument("--images", required=True, help="folder of .jpg images to predict")
     p.add_argument("--out", default="submission.csv", help="CSV to write (submission.csv)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--batch-size", type=positive, default=8, help="images per batch (default 8)")
     p.add_argument("--actors", type=positive, default=1, help="model replicas (default 1)")
     p.add_argument("--tta", action="store_true", help="average over horizontal/vertical flips")
@@ -59,7 +60,9 @@ def predict_arguments(p: argparse.ArgumentParser) -> None:
 
 def predict(args: argparse.Namespace) -> int:
     from steelseg.inference.predict import predict, write_submission
+    from steelseg.storage import locate
 
+    locate(args.out, "out").check_new_file(args.overwrite)  # before every image is predicted
     submission = predict(
         args.checkpoint,
         args.images,
