@@ -204,7 +204,7 @@ def resolve_checkpoint(where: Where) -> Location:
     if (place / MODEL_FILE).is_file():
         return place
     if (place / BEST_MODEL_FILE).is_file():
-        return resolve_checkpoint((place / BEST_MODEL_FILE).read_text().strip())
+        return resolve_checkpoint(_read_pointer(place / BEST_MODEL_FILE))
     if kept_checkpoints(place):
         return best_checkpoint(place)
     if not place.exists():
@@ -213,6 +213,13 @@ def resolve_checkpoint(where: Where) -> Location:
         f"{place}: not a checkpoint (no {MODEL_FILE}), a run (no epoch_*/) or a finished "
         f"sweep (no {BEST_MODEL_FILE})"
     )
+
+
+def _read_pointer(file: Location) -> str:
+    try:
+        return file.read_text().strip()
+    except UnicodeDecodeError as e:
+        raise SteelsegError(f"{file}: not the path of a checkpoint ({one_line(e)})") from None
 
 
 def save_rules(checkpoint: Where, rules: Rules, report: dict | None = None) -> Location:

@@ -207,6 +207,15 @@ def test_a_resume_from_a_broken_training_state_names_the_file(tmp_path):
     assert read_state(tmp_path)["global_step"] == 8
 
 
+def test_a_sweeps_best_checkpoint_file_that_is_not_text_is_one_line(tmp_path):
+    (tmp_path / "best_checkpoint.txt").write_bytes(b"\xff\xfe/runs/x")
+    with pytest.raises(SteelsegError) as info:
+        resolve_checkpoint(tmp_path)
+    assert str(info.value).startswith(
+        f"{tmp_path / 'best_checkpoint.txt'}: not the path of a checkpoint (UnicodeDecodeError"
+    )
+
+
 def test_broken_rules_next_to_a_checkpoint_are_one_line(tmp_path):
     (tmp_path / "postprocess.json").write_bytes(b"\xff\xfe{}")
     with pytest.raises(SteelsegError) as info:
