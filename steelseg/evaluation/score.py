@@ -87,8 +87,11 @@ def check_rows(
     named = {image for image, _ in listed}
     missing = sorted(set(names) - named)
     if missing:
+        other = {n.casefold(): n for n in named}.get(missing[0].casefold())
+        note = f" (its {other} differs only in case)" if other else ""
         raise SteelsegError(
             f"{submission}: no rows for {len(missing)} image(s) of {folder}, e.g. {missing[0]}"
+            + note
         )
     extra = sorted(named - set(names))
     if extra:

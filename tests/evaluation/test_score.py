@@ -108,3 +108,14 @@ def test_what_predict_writes_has_every_pair_and_scores(real_dir, tmp_path, capsy
     out = write_submission(to_submission(results), tmp_path / "sub.csv")
     assert evaluate(real_dir, Path(out.path)) == 0
     assert capsys.readouterr().out.startswith("Kaggle mean Dice")
+
+
+def test_a_submission_naming_an_image_in_another_case_says_so(real_dir, tmp_path, capsys):
+    names = catalog.list_images(real_dir / "train_images")
+    other = names[0].upper()  # 0A1CADE03.JPG
+    submission = write_submission(tmp_path / "s.csv", {}, [other, *names[1:]])
+    assert evaluate(real_dir, submission) == 1
+    assert capsys.readouterr().err == (
+        f"steelseg: error: {submission}: no rows for 1 image(s) of {real_dir / 'train_images'}, "
+        f"e.g. {names[0]} (its {other} differs only in case)\n"
+    )
