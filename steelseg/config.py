@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import posixpath
 import types
@@ -180,6 +181,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Every check of the values; raises SteelsegError naming the field and the value."""
+        self._check_finite()
         at_least = {
             1: (
                 "epochs",
@@ -201,6 +203,8 @@ class TrainConfig:
         for name in ("cpus_per_worker", "lr"):
             if getattr(self, name) <= 0:
                 _bad(name, "must be positive", getattr(self, name))
+        if self.weight_decay < 0:
+            _bad("weight_decay", "must be >= 0", self.weight_decay)
         if self.bce_weight < 0 or self.dice_weight < 0 or self.bce_weight + self.dice_weight == 0:
             raise SteelsegError(
                 f"config bce_weight and dice_weight must be >= 0 and not both 0, "
@@ -241,6 +245,16 @@ class TrainConfig:
             check_uri(getattr(self, name), f"config {name}")
         if self.pos_weight is not None and len(self.pos_weight) != N_CLASSES:
             _bad("pos_weight", f"needs {N_CLASSES} values", self.pos_weight)
+        if self.pos_weight is not None and min(self.pos_weight) <= 0:
+            _bad("pos_weight", "must be positive", self.pos_weight)
+
+    def _check_finite(self) -> None:
+        # first: NaN fails no comparison, so every range check below would let it through
+        for name in FIELDS:
+            value = getattr(self, name)
+            numbers = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                _bad(name, "must be a finite number", value)
 
     @property
     def workers(self) -> int | tuple[int, int]:
@@ -271,12 +285,12 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any], source: str = "") -> "TrainConfig":
         """Raises SteelsegError naming any unknown key, or a value of the wrong type, and the
-        source it came from."""
+        source it came from (when given)."""
         unknown = sorted(set(values) - set(FIELDS))
         if unknown:
-            raise SteelsegError(f"{source}: unknown config key(s) {', '.join(unknown)}")
+            raise SteelsegError(f"{_at(source)}unknown config key(s) {', '.join(unknown)}")
         values = _worker_range(values, source)
         return cls(**{k: coerce(k, v, source) for k, v in values.items()})
 
@@ -297,10 +311,10 @@ def _worker_range(values: dict[str, Any], source: str) -> dict[str, Any]:
         low, high = int(low), int(high)
     except ValueError:
         raise SteelsegError(
-            f"{source}: config num_workers must be a number or MIN..MAX, got {workers!r}"
+            f"{_at(source)}config num_workers must be a number or MIN..MAX, got {workers!r}"
         ) from None
     if not 1 <= low <= high:
-        raise SteelsegError(f"{source}: config num_workers {workers}: need 1 <= MIN <= MAX")
+        raise SteelsegError(f"{_at(source)}config num_workers {workers}: need 1 <= MIN <= MAX")
     return {**values, "min_workers": low, "num_workers": high}
 
 
@@ -350,7 +364,8 @@ def field_type(name: str) -> tuple[type, type | None, bool]:
 
 def coerce(name: str, value: Any, source: str) -> Any:
     """``value`` as field ``name``'s type: an int where a float is expected is fine, a list's
-    elements are checked, and strings (from flags) are converted.
+    elements are checked, and numeric strings are converted: flags are strings, and YAML reads
+    ``1e-3`` (no dot) as one.
 
     Raises:
         SteelsegError: the value is not of the field's type.
@@ -360,13 +375,13 @@ def coerce(name: str, value: Any, source: str) -> Any:
         return None
     if kind is list:
         if not isinstance(value, list | tuple):
-            raise SteelsegError(f"{source}: config {name} must be a list, got {value!r}")
+            raise SteelsegError(f"{_at(source)}config {name} must be a list, got {value!r}")
         return [_scalar(name, v, element, source) for v in value]
     return _scalar(name, value, kind, source)
 
 
 def _scalar(name: str, value: Any, kind: type, source: str) -> Any:
-    if isinstance(value, str) and kind in (int, float) and source == COMMAND_LINE:
+    if isinstance(value, str) and kind in (int, float):
         try:
             return kind(value)
         except ValueError:
@@ -375,7 +390,12 @@ def _scalar(name: str, value: Any, kind: type, source: str) -> Any:
         return float(value)
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
-    raise SteelsegError(f"{source}: config {name} must be {kind.__name__}, got {value!r}")
+    raise SteelsegError(f"{_at(source)}config {name} must be {kind.__name__}, got {value!r}")
+
+
+def _at(source: str) -> str:
+    """How a message names where a value came from: ``run.yaml: ``, or nothing when unsaid."""
+    return f"{source}: " if source else ""
 
 
 COMMAND_LINE = "command line"
@@ -437,7 +457,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise SteelsegError(f"{path}: no such config file")
     suffix = posixpath.splitext(path.name)[1]
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8-sig")  # a BOM, as Windows editors write
         values = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
     except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
         reason = " ".join(str(e).split())

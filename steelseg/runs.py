@@ -37,7 +37,7 @@ import yaml
 
 from steelseg.config import TrainConfig
 from steelseg.data import catalog
-from steelseg.errors import SteelsegError
+from steelseg.errors import SteelsegError, one_line
 from steelseg.inference.postprocess import Rules
 from steelseg.storage import Location, locate, reason
 from steelseg.training.recipe import build_model
@@ -45,6 +45,8 @@ from steelseg.training.recipe import build_model
 MODEL_FILE = "model.pt"  # weights, config, epoch, metrics
 TRAINING_FILE = "training_state.pt"  # optimizer, scheduler, step: for a resume
 MODEL_KEYS = ("model", "config", "epoch", "metrics")
+TRAINING_KEYS = ("optimizer", "scheduler", "global_step")  # what a resume reads
+TORCH_FILE_START = b"PK\x03\x04"  # torch.save writes a zip archive
 RULES_FILE = "postprocess.json"
 HISTORY_FILE = "history.jsonl"
 SPLIT_FILE = "split.parquet"
@@ -83,11 +85,27 @@ def _split_state(state: dict) -> dict[str, dict]:
     return {MODEL_FILE: model, TRAINING_FILE: {k: v for k, v in state.items() if k not in model}}
 
 
-def _load(file: Location, mmap: bool = False) -> dict:
+def _load(file: Location, keys: tuple[str, ...], mmap: bool = False) -> dict:
+    """A checkpoint file's dict, which must hold ``keys``.
+
+    Raises:
+        SteelsegError: no such file, or one that is cut short, corrupt or not steelseg's, named.
+    """
     if not file.is_file():
         raise SteelsegError(f"{file.parent}: not a steelseg checkpoint (no {file.name})")
-    source = file.path if file.local else file.open_buffer()
-    return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap and file.local)
+    data = None if file.local else file.read_bytes()
+    start = file.read_bytes(len(TORCH_FILE_START)) if data is None else data
+    if not start.startswith(TORCH_FILE_START):
+        raise SteelsegError(f"{file}: not a steelseg checkpoint (not a file torch.save writes)")
+    source = file.path if data is None else io.BytesIO(data)
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap and file.local)
+    except Exception as e:  # torch raises many kinds for a damaged file
+        raise SteelsegError(f"{file}: cannot read the checkpoint ({one_line(e)})") from None
+    missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
+    if missing:
+        raise SteelsegError(f"{file}: not a steelseg checkpoint (no {', '.join(missing)})")
+    return state
 
 
 def read_model_state(folder: Where, *, mmap: bool = False) -> dict:
@@ -95,29 +113,56 @@ def read_model_state(folder: Where, *, mmap: bool = False) -> dict:
     ``mmap`` maps a local file instead of reading it.
 
     Raises:
-        SteelsegError: the folder holds no checkpoint.
+        SteelsegError: the folder holds no checkpoint, or a broken one.
     """
-    return _load(locate(folder, "checkpoint") / MODEL_FILE, mmap)
+    return _load(locate(folder, "checkpoint") / MODEL_FILE, ("model", "config"), mmap)
 
 
 def read_state(folder: Where) -> dict:
     """The whole checkpoint, the training part too (what a resume needs)."""
     place = locate(folder, "checkpoint")
-    return {**_load(place / MODEL_FILE), **_load(place / TRAINING_FILE)}
+    model_part = _load(place / MODEL_FILE, ("model", "config", "epoch"))
+    return {**model_part, **_load(place / TRAINING_FILE, TRAINING_KEYS)}
 
 
 def load_config(folder: Where) -> TrainConfig:
-    """The run config stored in a checkpoint, without reading its tensors when it is local."""
-    return TrainConfig.from_dict(read_model_state(folder, mmap=True)["config"], str(folder))
+    """The run config stored in a checkpoint, without reading its tensors when it is local.
+
+    Raises:
+        SteelsegError: no checkpoint, a broken one, or a config in it that is not valid.
+    """
+    place = locate(folder, "checkpoint")
+    return _stored_config(read_model_state(place, mmap=True), place / MODEL_FILE)
+
+
+def _stored_config(state: dict, file: Location) -> TrainConfig:
+    values = state["config"]
+    if not isinstance(values, dict):
+        kind = type(values).__name__
+        raise SteelsegError(f"{file}: not a steelseg checkpoint (its config is a {kind})")
+    try:
+        return TrainConfig.from_dict(values)
+    except SteelsegError as e:
+        raise SteelsegError(f"{file}: {e}") from None
 
 
 def load_checkpoint(folder: Where) -> tuple[torch.nn.Module, TrainConfig, dict]:
     """Rebuild the trained model from a checkpoint folder alone: (model in eval mode, config,
-    the checkpoint's model part)."""
-    state = read_model_state(folder)
-    config = TrainConfig.from_dict(state["config"], f"{folder}/{MODEL_FILE}")
+    the checkpoint's model part).
+
+    Raises:
+        SteelsegError: no checkpoint, a broken one, or weights that do not fit its config.
+    """
+    place = locate(folder, "checkpoint")
+    state = read_model_state(place)
+    config = _stored_config(state, place / MODEL_FILE)
     model = build_model(config.replace(pretrained=""))
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError) as e:  # other keys or shapes; not a state_dict
+        raise SteelsegError(
+            f"{place / MODEL_FILE}: the weights do not fit the model of its config ({one_line(e)})"
+        ) from None
     return model.eval(), config, state
 
 
@@ -148,17 +193,23 @@ def best_checkpoint(run: Where) -> Location:
 
 
 def resolve_checkpoint(where: Where) -> Location:
-    """A checkpoint folder from a checkpoint, a training run (its best checkpoint) or a sweep
-    (its best trial's best checkpoint).
+    """A checkpoint folder from a checkpoint (its folder or its model.pt), a training run (its
+    best checkpoint) or a sweep (its best trial's best checkpoint).
 
     Raises:
         SteelsegError: the path is none of these.
     """
     place = locate(where, "checkpoint")
+    if place.is_file():
+        if place.name == MODEL_FILE:
+            return place.parent
+        raise SteelsegError(
+            f"{place}: a file; give a checkpoint (its folder or its {MODEL_FILE}), a run or a sweep"
+        )
     if (place / MODEL_FILE).is_file():
         return place
     if (place / BEST_MODEL_FILE).is_file():
-        return resolve_checkpoint((place / BEST_MODEL_FILE).read_text().strip())
+        return resolve_checkpoint(_read_pointer(place / BEST_MODEL_FILE))
     if kept_checkpoints(place):
         return best_checkpoint(place)
     if not place.exists():
@@ -167,6 +218,13 @@ def resolve_checkpoint(where: Where) -> Location:
         f"{place}: not a checkpoint (no {MODEL_FILE}), a run (no epoch_*/) or a finished "
         f"sweep (no {BEST_MODEL_FILE})"
     )
+
+
+def _read_pointer(file: Location) -> str:
+    try:
+        return file.read_text().strip()
+    except UnicodeDecodeError as e:
+        raise SteelsegError(f"{file}: not the path of a checkpoint ({one_line(e)})") from None
 
 
 def save_rules(checkpoint: Where, rules: Rules, report: dict | None = None) -> Location:
@@ -183,8 +241,8 @@ def load_rules(checkpoint: Where) -> Rules | None:
         return None
     try:
         data = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise SteelsegError(f"{file}: cannot read ({e})") from None
+    except ValueError as e:  # not JSON, or not text
+        raise SteelsegError(f"{file}: cannot read ({one_line(e)})") from None
     return Rules.from_dict(data, str(file))
 
 
@@ -260,7 +318,7 @@ def read_data_check(place: Where) -> dict | None:
         return None
     try:
         return json.loads(file.read_text())
-    except json.JSONDecodeError:  # cut short: as if never checked
+    except ValueError:  # cut short, or not text: as if never checked
         return None
 
 

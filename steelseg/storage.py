@@ -124,6 +124,48 @@ class Location:
         except OSError as e:
             raise SteelsegError(f"{self.uri}: cannot create ({reason(e)})") from None
 
+    def check_new_file(self, overwrite: bool = False) -> None:
+        """Refuse, before the work that makes it, a file that cannot be written here: a folder,
+        an existing file (unless ``overwrite``), or one in a folder ``check_writable`` refuses.
+
+        Raises:
+            SteelsegError: naming this file and why.
+        """
+        info = self.info()
+        if info.type == pafs.FileType.Directory:
+            raise SteelsegError(f"{self.uri}: a folder; give the file to write")
+        if info.type == pafs.FileType.File and not overwrite:
+            raise SteelsegError(f"{self.uri}: already exists (--overwrite replaces it)")
+        self.parent.check_writable(self)
+
+    def check_writable(self, named: "Location | None" = None) -> None:
+        """Refuse, before any work is done, a folder that cannot be written: a local one below a
+        file or in a read-only place (it may not exist yet: the nearest existing folder above
+        it is checked), or one in a bucket that does not exist. An object store's permissions
+        are only known when writing.
+
+        Raises:
+            SteelsegError: naming this folder (or ``named``, a file to write in it) and why.
+        """
+        why = self._why_unwritable()
+        if why:
+            raise SteelsegError(f"{named or self}: cannot write there ({why})")
+
+    def _why_unwritable(self) -> str | None:
+        if not self.local:
+            bucket = self.path.split("/")[0]
+            if not Location(self.fs, bucket, self.uri, self.query).is_dir():
+                return f"no bucket {bucket}"
+            return None
+        existing = Path(self.path)
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            return f"{existing} is a file"
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return f"{existing} is read-only"
+        return None
+
     def upload(self, folder: str | os.PathLike) -> None:
         """Copy a local folder's files here (overwriting those of the same name)."""
         try:

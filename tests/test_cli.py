@@ -195,3 +195,152 @@ def test_a_run_barely_above_predicting_nothing_ends_saying_what_it_takes(
     else:
         assert "from random weights the network needs" in note
         assert note.endswith(", or --pretrained imagenet")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["predict", "--checkpoint", "run", "--images", "i", "--threshold", "nan"],
+         "argument --threshold: must be in (0, 1), got nan"),
+        (["predict", "--checkpoint", "run", "--images", "i", "--threshold", "1"],
+         "argument --threshold: must be in (0, 1), got 1"),
+        (["tensorboard", "missing", "--every", "nan"],
+         "argument --every: must be a positive number of seconds, got nan"),
+        (["tensorboard", "missing", "--every", "inf"],
+         "argument --every: must be a positive number of seconds, got inf"),
+        (["tensorboard", "missing", "--every", "-1"],
+         "argument --every: must be a positive number of seconds, got -1"),
+    ],
+)  # fmt: skip
+def test_float_flags_out_of_range_or_not_finite_are_usage_errors(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path / a) if a in ("run", "i", "missing") else a for a in argv])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(message)
+
+
+@pytest.fixture
+def no_prediction(monkeypatch):
+    """predict stubbed: a test that reaches it fails (the refusals come before it)."""
+    from steelseg.inference import predict
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("predicted")
+
+    monkeypatch.setattr(predict, "predict", refuse)
+
+
+def predict_argv(tmp_path, out) -> list[str]:
+    return ["predict", "--checkpoint", str(tmp_path), "--images", str(tmp_path), "--out", str(out)]
+
+
+def test_predict_refuses_to_replace_a_file_before_predicting(tmp_path, capsys, no_prediction):
+    out = tmp_path / "submission.csv"
+    out.write_text("mine\n")
+    assert main(predict_argv(tmp_path, out)) == 1
+    assert capsys.readouterr().err == (
+        f"steelseg: error: {out}: already exists (--overwrite replaces it)\n"
+    )
+    assert out.read_text() == "mine\n"
+
+
+def test_predict_overwrite_replaces_the_file(tmp_path, capsys, monkeypatch):
+    import pandas as pd
+
+    from steelseg.inference import predict
+
+    table = pd.DataFrame({"ImageId": ["a.jpg"] * 4, "EncodedPixels": [""] * 4,
+                          "ClassId": [1, 2, 3, 4]})  # fmt: skip
+    monkeypatch.setattr(predict, "predict", lambda *args, **kwargs: table)
+    out = tmp_path / "submission.csv"
+    out.write_text("mine\n")
+    assert main([*predict_argv(tmp_path, out), "--overwrite"]) == 0
+    assert out.read_text().splitlines() == ["ImageId,EncodedPixels,ClassId"] + [
+        f"a.jpg,,{c}" for c in (1, 2, 3, 4)
+    ]
+    assert capsys.readouterr().out == f"wrote {out}: 1 images, 0 class masks found\n"
+
+
+@pytest.mark.parametrize("case", ["a folder", "below a file", "a missing folder below a file"])
+def test_predict_checks_where_it_writes_before_predicting(tmp_path, capsys, no_prediction, case):
+    (tmp_path / "notes.txt").write_text("mine\n")
+    out, why = {
+        "a folder": (tmp_path, "a folder; give the file to write"),
+        "below a file": (
+            tmp_path / "notes.txt" / "s.csv",
+            f"cannot write there ({tmp_path / 'notes.txt'} is a file)",
+        ),
+        "a missing folder below a file": (
+            tmp_path / "notes.txt" / "new" / "s.csv",
+            f"cannot write there ({tmp_path / 'notes.txt'} is a file)",
+        ),
+    }[case]
+    assert main(predict_argv(tmp_path, out)) == 1
+    assert capsys.readouterr().err == f"steelseg: error: {out}: {why}\n"
+
+
+def test_predict_refuses_a_read_only_folder_before_predicting(
+    tmp_path, capsys, monkeypatch, no_prediction
+):
+    import os
+
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o555)
+    if os.access(folder, os.W_OK):  # root may write anywhere: the folder is read-only to others
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: str(p) != str(folder) and access(p, mode))
+    out = folder / "new" / "s.csv"
+    assert main(predict_argv(tmp_path, out)) == 1
+    assert capsys.readouterr().err == (
+        f"steelseg: error: {out}: cannot write there ({folder} is read-only)\n"
+    )
+
+
+def test_predict_refuses_a_bucket_that_does_not_exist_before_predicting(
+    s3, tmp_path, capsys, no_prediction
+):
+    out = f"s3://no-such-bucket/subs/s.csv?endpoint_override={s3.endpoint}"
+    assert main(predict_argv(tmp_path, out)) == 1
+    assert capsys.readouterr().err == (
+        "steelseg: error: s3://no-such-bucket/subs/s.csv: cannot write there (no bucket "
+        "no-such-bucket)\n"
+    )
+    s3.client.put_object(Bucket=s3.bucket, Key="subs/s.csv", Body=b"mine\n")
+    assert main(predict_argv(tmp_path, s3.uri("subs/s.csv"))) == 1
+    assert capsys.readouterr().err.endswith(
+        "subs/s.csv: already exists (--overwrite replaces it)\n"
+    )
+
+
+def test_figures_refuses_to_replace_a_figure_unless_told(real_dir, tmp_path, capsys):
+    out = tmp_path / "figures"
+    out.mkdir()
+    (out / "figure1_samples.png").write_bytes(b"mine")
+    assert main(["figures", str(out), "--data", str(real_dir)]) == 1
+    figure = out / "figure1_samples.png"
+    assert capsys.readouterr().err == (
+        f"steelseg: error: {figure}: already exists (--overwrite replaces it)\n"
+    )
+    assert (out / "figure1_samples.png").read_bytes() == b"mine"
+    assert main(["figures", str(out), "--data", str(real_dir), "--overwrite"]) == 0
+    assert (out / "figure1_samples.png").read_bytes().startswith(b"\x89PNG")
+    (tmp_path / "notes.txt").write_text("mine\n")
+    assert main(["figures", str(tmp_path / "notes.txt"), "--data", str(real_dir)]) == 1
+    assert capsys.readouterr().err.endswith(
+        f"figure1_samples.png: cannot write there ({tmp_path / 'notes.txt'} is a file)\n"
+    )
+
+
+def test_synth_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    argv = ["synth", str(out), "--images", "2", "--height", "32", "--width", "160"]
+    assert main(argv) == 1
+    assert capsys.readouterr().err == (
+        f"steelseg: error: {out}: not an empty folder; synth writes into a new or empty one\n"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    (out / "notes.txt").unlink()
+    assert main(argv) == 0
+    assert (out / "train.csv").is_file()

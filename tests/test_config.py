@@ -1,8 +1,16 @@
 import json
+import math
 
 import pytest
 
-from steelseg.config import TrainConfig, add_arguments, from_args, read_config_file
+from steelseg.config import (
+    FIELDS,
+    TrainConfig,
+    add_arguments,
+    field_type,
+    from_args,
+    read_config_file,
+)
 from steelseg.errors import SteelsegError
 
 
@@ -22,8 +30,18 @@ def test_flags_override_file_and_defaults(tmp_path):
     assert config.batch_size == TrainConfig().batch_size
 
 
-def test_json_file_and_list_flags(tmp_path):
-    (tmp_path / "run.json").write_text(json.dumps({"use_gpu": True, "bce_weight": 1}))
+def test_numbers_yaml_reads_as_strings_are_numbers(tmp_path):
+    (tmp_path / "run.yaml").write_text("lr: 1e-3\nweight_decay: 5e-5\npos_weight: [1, 2e0, 1, 1]\n")
+    assert read_config_file(tmp_path / "run.yaml")["lr"] == "1e-3"  # YAML 1.1: no dot, a string
+    config = parse("--config", str(tmp_path / "run.yaml"))
+    assert (config.lr, config.weight_decay) == (0.001, 5e-5)
+    assert config.pos_weight == [1.0, 2.0, 1.0, 1.0]
+    assert TrainConfig.from_dict({"epochs": "3"}).epochs == 3
+
+
+@pytest.mark.parametrize("bom", ["", "\ufeff"])  # as Windows editors save UTF-8
+def test_json_file_and_list_flags(tmp_path, bom):
+    (tmp_path / "run.json").write_text(bom + json.dumps({"use_gpu": True, "bce_weight": 1}))
     config = parse("--config", str(tmp_path / "run.json"), "--pos-weight", "2,1,1,3")
     assert config.use_gpu is True and config.bce_weight == 1.0
     assert config.pos_weight == [2.0, 1.0, 1.0, 3.0]
@@ -34,6 +52,7 @@ def test_json_file_and_list_flags(tmp_path):
     [
         ("lrr: 1\n", "run.yaml: unknown config key(s) lrr"),
         ("lr: fast\n", "run.yaml: config lr must be float, got 'fast'"),
+        ("epochs: 1e3\n", "run.yaml: config epochs must be int, got '1e3'"),
         ("- 1\n", "run.yaml: expected a mapping of config keys, got list"),
         ("lr: [\n", "run.yaml: not valid yaml"),
         ("crop_height: 100\n", "crop_height must be a multiple of 32, got 100"),
@@ -189,3 +208,65 @@ def test_a_worker_range_is_elastic_training():
             TrainConfig.from_dict({"num_workers": bad})
     with pytest.raises(SteelsegError, match="config min_workers must be in 0..num_workers"):
         TrainConfig(num_workers=2, min_workers=3)
+
+
+FLOAT_FIELDS = [name for name in FIELDS if field_type(name)[0] is float]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("name", [*FLOAT_FIELDS, "pos_weight"])
+def test_every_float_setting_must_be_finite(name, value):
+    bad = [1.0, value, 1.0, 1.0] if name == "pos_weight" else value
+    with pytest.raises(SteelsegError) as info:
+        TrainConfig.from_dict({name: bad})
+    assert str(info.value) == f"config {name} must be a finite number, got {bad!r}"
+
+
+def test_the_float_settings_are_the_ones_expected():
+    # a new float setting needs its range checked in validate, as these have
+    assert sorted(FLOAT_FIELDS) == sorted(
+        ["defect_crops", "rare_share", "val_fraction", "presence_weight", "lr", "weight_decay",
+         "bce_weight", "dice_weight", "head_prior", "threshold", "cpus_per_worker"]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"weight_decay": -1e-4}, "config weight_decay must be >= 0, got -0.0001"),
+        ({"pos_weight": [1, 0, 2, 3]}, "config pos_weight must be positive, got [1.0, 0.0, 2.0"),
+    ],
+)
+def test_float_settings_out_of_their_range_are_refused(values, message):
+    with pytest.raises(SteelsegError) as info:
+        TrainConfig.from_dict(values)
+    assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("lr: .nan\n", "config lr must be a finite number, got nan"),
+        ("weight_decay: .inf\n", "config weight_decay must be a finite number, got inf"),
+        ("dice_weight: -.inf\n", "config dice_weight must be a finite number, got -inf"),
+    ],
+)
+def test_non_finite_values_in_a_file_are_one_line_errors(tmp_path, text, message):
+    (tmp_path / "run.yaml").write_text(text)
+    with pytest.raises(SteelsegError) as info:
+        TrainConfig.from_dict(read_config_file(tmp_path / "run.yaml"), str(tmp_path / "run.yaml"))
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("flag", ["nan", "inf", "-inf", "NaN"])
+def test_non_finite_flags_are_refused_before_ray_starts(monkeypatch, capsys, tmp_path, flag):
+    from steelseg.training import fit as fitting
+
+    def fit(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(fitting, "fit", fit)
+    code, _, err = run_job(capsys, "--storage", str(tmp_path), f"--lr={flag}")
+    assert code == 1
+    assert err == f"steelseg: error: config lr must be a finite number, got {float(flag)!r}\n"
+    assert not (tmp_path / "demo").exists()

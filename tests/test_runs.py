@@ -1,9 +1,11 @@
 """A run's files without Ray: the history, the choice of the best checkpoint, the rules stored
 with a checkpoint and the split."""
 
+import io
 import math
 
 import pytest
+import torch
 
 from steelseg.errors import SteelsegError
 from steelseg.inference.postprocess import ClassRule, Rules
@@ -15,6 +17,7 @@ from steelseg.runs import (
     read_calibration,
     read_history,
     read_split,
+    resolve_checkpoint,
     save_rules,
     trim_history,
 )
@@ -38,6 +41,19 @@ def test_best_checkpoint_is_the_best_kept_epoch_and_the_later_one_on_a_tie(tmp_p
     assert best_checkpoint(run).name == "epoch_0001"  # an undefined score ranks last
     with pytest.raises(SteelsegError, match="no checkpoint"):
         best_checkpoint(write_run(tmp_path / "c", {1: 0.5}, kept=[]))
+
+
+def test_a_checkpoints_model_file_resolves_to_its_folder_and_another_file_is_named(tmp_path):
+    run = write_run(tmp_path / "run", {1: 0.8, 2: 0.9}, kept=[1, 2])
+    assert resolve_checkpoint(run / "epoch_0001" / MODEL_FILE).path == str(run / "epoch_0001")
+    assert resolve_checkpoint(run / "epoch_0001").path == str(run / "epoch_0001")
+    assert resolve_checkpoint(run).path == str(run / "epoch_0002")
+    with pytest.raises(SteelsegError) as info:
+        resolve_checkpoint(run / "history.jsonl")
+    assert str(info.value) == (
+        f"{run / 'history.jsonl'}: a file; give a checkpoint (its folder or its model.pt), a run "
+        "or a sweep"
+    )
 
 
 def test_trim_history_drops_the_epochs_after_the_restored_checkpoint(tmp_path):
@@ -90,3 +106,120 @@ def test_upload_creates_the_local_folder_it_copies_into(tmp_path):
     target = locate(tmp_path / "run" / "tensorboard" / "hparams", "run")
     target.upload(staging)
     assert (tmp_path / "run" / "tensorboard" / "hparams" / "sub" / "events.1").read_bytes() == b"x"
+
+
+def torch_bytes(value) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+WHOLE = torch_bytes({"model": {}, "config": {"lr": 0.01}, "epoch": 1, "metrics": {}})
+NOT_OURS = "not a steelseg checkpoint"
+BROKEN_CHECKPOINTS = {
+    "random bytes": (bytes(range(256)) * 4, f"{NOT_OURS} (not a file torch.save writes)"),
+    "empty": (b"", f"{NOT_OURS} (not a file torch.save writes)"),
+    "cut short": (
+        WHOLE[: len(WHOLE) // 2],
+        "cannot read the checkpoint (RuntimeError: PytorchStreamReader failed reading zip "
+        "archive: failed finding central directory)",
+    ),
+    "a state_dict": (
+        torch_bytes({"conv1.weight": torch.zeros(1)}),
+        f"{NOT_OURS} (no model, config)",
+    ),
+    "a tensor": (torch_bytes(torch.zeros(2)), f"{NOT_OURS} (no model, config)"),
+    "config not a dict": (
+        torch_bytes({"model": {}, "config": "lr=0.1"}),
+        f"{NOT_OURS} (its config is a str)",
+    ),
+    "unknown config key": (
+        torch_bytes({"model": {}, "config": {"lrr": 0.1}}),
+        "unknown config key(s) lrr",
+    ),
+    "config value of the wrong type": (
+        torch_bytes({"model": {}, "config": {"lr": "fast"}}),
+        "config lr must be float, got 'fast'",
+    ),
+    "config value out of range": (
+        torch_bytes({"model": {}, "config": {"lr": -1.0}}),
+        "config lr must be positive, got -1.0",
+    ),
+}
+
+
+@pytest.mark.parametrize("command", ["predict", "calibrate"])
+@pytest.mark.parametrize("case", BROKEN_CHECKPOINTS)
+def test_a_broken_checkpoint_is_one_line_naming_the_file_before_ray_starts(
+    tmp_path, monkeypatch, capsys, case, command
+):
+    from steelseg.cli import main
+    from steelseg.inference import predict
+
+    def init_ray(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(predict, "init_ray", init_ray)
+    content, message = BROKEN_CHECKPOINTS[case]
+    folder = tmp_path / "run" / "epoch_0001"
+    folder.mkdir(parents=True)
+    (folder / MODEL_FILE).write_bytes(content)
+    argv = {
+        "predict": ["predict", "--checkpoint", str(folder), "--images", str(tmp_path)],
+        "calibrate": ["calibrate", str(tmp_path / "run")],
+    }[command]
+    assert main(argv) == 1
+    assert capsys.readouterr().err == f"steelseg: error: {folder / MODEL_FILE}: {message}\n"
+
+
+def test_weights_that_do_not_fit_the_config_are_one_line_naming_the_file(tmp_path, capsys):
+    from steelseg.cli import main
+    from steelseg.config import TrainConfig
+
+    state = {"model": {"w": torch.zeros(1)}, "config": TrainConfig().to_dict(), "epoch": 1}
+    (tmp_path / MODEL_FILE).write_bytes(torch_bytes({**state, "metrics": {}}))
+    assert main(["calibrate", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"steelseg: error: {tmp_path / MODEL_FILE}: the weights do not fit the model of its config "
+        "(RuntimeError: Error(s) in loading state_dict for UNet: Missing key(s) in state_dict:"
+    )
+    assert err.count("\n") == 1
+
+
+def test_a_resume_from_a_broken_training_state_names_the_file(tmp_path):
+    from steelseg.runs import TRAINING_FILE, read_state
+
+    (tmp_path / MODEL_FILE).write_bytes(WHOLE)
+    training = torch_bytes({"optimizer": {}, "scheduler": {}, "global_step": 8})
+    (tmp_path / TRAINING_FILE).write_bytes(training[:100])
+    with pytest.raises(
+        SteelsegError, match=f"^{tmp_path / TRAINING_FILE}: cannot read the checkpoint"
+    ):
+        read_state(tmp_path)
+    (tmp_path / TRAINING_FILE).write_bytes(torch_bytes({"optimizer": {}}))
+    with pytest.raises(SteelsegError) as info:
+        read_state(tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path / TRAINING_FILE}: not a steelseg checkpoint (no scheduler, global_step)"
+    )
+    (tmp_path / TRAINING_FILE).write_bytes(training)
+    assert read_state(tmp_path)["global_step"] == 8
+
+
+def test_a_sweeps_best_checkpoint_file_that_is_not_text_is_one_line(tmp_path):
+    (tmp_path / "best_checkpoint.txt").write_bytes(b"\xff\xfe/runs/x")
+    with pytest.raises(SteelsegError) as info:
+        resolve_checkpoint(tmp_path)
+    assert str(info.value).startswith(
+        f"{tmp_path / 'best_checkpoint.txt'}: not the path of a checkpoint (UnicodeDecodeError"
+    )
+
+
+def test_broken_rules_next_to_a_checkpoint_are_one_line(tmp_path):
+    (tmp_path / "postprocess.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(SteelsegError) as info:
+        load_rules(tmp_path)
+    assert str(info.value).startswith(
+        f"{tmp_path / 'postprocess.json'}: cannot read (UnicodeDecodeError"
+    )

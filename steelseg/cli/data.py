@@ -12,7 +12,7 @@ REAL_MEAN_AREA = {1: 0.011, 2: 0.008, 3: 0.062, 4: 0.084}
 
 
 def synth_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out", help="folder to create (must not hold a train.csv)")
+    p.add_argument("out", help="folder to create (or an empty one)")
     p.add_argument("--images", type=int, default=1000, help="number of images (default 1000)")
     p.add_argument("--height", type=int, default=256, help="image height (default 256)")
     p.add_argument("--width", type=int, default=1600, help="image width (default 1600)")

@@ -2,12 +2,19 @@
 
 import argparse
 import json
+import math
 import tempfile
 from pathlib import Path
 
 from steelseg.cli.command import Command
 from steelseg.domain import HAS_COLUMNS, RLE_COLUMNS
 from steelseg.errors import SteelsegError
+
+SAMPLES_FIGURE, LOSS_FIGURE, PREDICTIONS_FIGURE = (
+    "figure1_samples.png",
+    "figure2_loss.png",
+    "figure3_predictions.png",
+)
 
 
 def evaluate_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,12 +45,15 @@ def figures_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--submission", help="predictions CSV: Figure 3 against --data's truth")
     p.add_argument("--count", type=int, default=3, help="images per figure part (default 3)")
+    p.add_argument("--overwrite", action="store_true", help="replace figure files in OUT")
 
 
 def figures(args: argparse.Namespace) -> int:
     from steelseg.storage import locate
 
     out = locate(args.out, "figures folder")
+    for name in figure_files(args):  # before any is drawn
+        (out / name).check_new_file(args.overwrite)
     # drawn in a temporary folder, then copied (uploaded) to ``out``: nothing is left there
     # when a figure cannot be drawn
     with tempfile.TemporaryDirectory(prefix="steelseg-figures-") as folder:
@@ -52,6 +62,16 @@ def figures(args: argparse.Namespace) -> int:
     for path in written:
         print(f"wrote {out / path.name}")
     return 0
+
+
+def figure_files(args: argparse.Namespace) -> list[str]:
+    """The files ``draw_figures`` writes for these arguments."""
+    wanted = {
+        SAMPLES_FIGURE: args.data,
+        LOSS_FIGURE: args.run_dir,
+        PREDICTIONS_FIGURE: args.submission,
+    }
+    return [name for name, given in wanted.items() if given]
 
 
 def draw_figures(args: argparse.Namespace, out: Path) -> list[Path]:
@@ -69,17 +89,17 @@ def draw_figures(args: argparse.Namespace, out: Path) -> list[Path]:
         table = catalog.load(
             args.data, drop_bad=True, decode_images=False, report=logging.getLogger(__name__).info
         )
-        written.append(figures.samples_figure(table, out / "figure1_samples.png", args.count))
+        written.append(figures.samples_figure(table, out / SAMPLES_FIGURE, args.count))
     if args.run_dir:
         with tempfile.TemporaryDirectory(prefix="steelseg-figures-") as cache:
             logs = runs.fetch_tensorboard(args.run_dir, cache)
             title = locate(args.run_dir, "run").name
-            written.append(figures.loss_curves(logs, out / "figure2_loss.png", title))
+            written.append(figures.loss_curves(logs, out / LOSS_FIGURE, title))
     if args.submission:
         if not args.data:
             raise SteelsegError("figures --submission needs --data (the truth and the images)")
         samples = submission_samples(table, args.submission, args.count)
-        written.append(figures.predictions_figure(samples, out / "figure3_predictions.png"))
+        written.append(figures.predictions_figure(samples, out / PREDICTIONS_FIGURE))
     if not written:
         raise SteelsegError("figures: nothing to draw; give --data, --run and/or --submission")
     return [Path(p) for p in written]
@@ -95,9 +115,9 @@ def submission_samples(table, submission: str, count: int) -> list:
     from steelseg.storage import locate
 
     submission = locate(submission, "submission")
-    listed: set[str] = set()
+    listed: set[tuple[str, int]] = set()
     predicted = score.read_rows(submission, listed)
-    shown = table[table["image_id"].isin(listed)]
+    shown = table[table["image_id"].isin({image for image, _ in listed})]
     if shown.empty:
         raise SteelsegError(f"{submission}: none of its images is in the data folder")
     defect = shown[HAS_COLUMNS].any(axis=1) | shown["image_id"].isin(predicted)
@@ -113,11 +133,18 @@ def submission_samples(table, submission: str, count: int) -> list:
     return samples
 
 
+def seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < math.inf:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def tensorboard_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a run or sweep: folder or s3://, gs:// URI")
     p.add_argument("--port", type=int, default=6006, help="TensorBoard's port (default 6006)")
     p.add_argument(
-        "--every", type=float, default=30.0, help="seconds between syncs while it runs (30)"
+        "--every", type=seconds, default=30.0, help="seconds between syncs while it runs (30)"
     )
     p.add_argument("--cache", help="local folder for the copies (default: under ~/.cache)")
 

@@ -12,9 +12,10 @@ Predict defect masks for a folder of images into a Kaggle submission, with Ray D
     ray job submit --working-dir . -- python -m ray_jobs.predict --checkpoint /shared/runs/sweep1 \\
         --images /data/severstal/test_images --out /shared/submission.csv --actors 4 --tta
 
---checkpoint is a checkpoint folder, a training run (its best checkpoint) or a Tune sweep (its
-best trial's). Post-processing is the checkpoint's calibrated rules (`steelseg calibrate`) when it
-has them, else --threshold. Each image is predicted at its full size, whatever the training crop.
+--checkpoint is a checkpoint folder (or its model.pt), a training run (its best checkpoint) or a
+Tune sweep (its best trial's). Post-processing is the checkpoint's calibrated rules (`steelseg
+calibrate`) when it has them, else --threshold. Each image is predicted at its full size, whatever
+the training crop.
 """
 
 
@@ -22,6 +23,13 @@ def positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
     return value
 
 
@@ -35,6 +43,7 @@ def predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint, run or sweep folder")
     p.add_argument("--images", required=True, help="folder of .jpg images to predict")
     p.add_argument("--out", default="submission.csv", help="CSV to write (submission.csv)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--batch-size", type=positive, default=8, help="images per batch (default 8)")
     p.add_argument("--actors", type=positive, default=1, help="model replicas (default 1)")
     p.add_argument("--tta", action="store_true", help="average over horizontal/vertical flips")
@@ -42,7 +51,7 @@ def predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--uncalibrated", action="store_true", help="ignore the calibrated rules; use --threshold"
     )
-    p.add_argument("--threshold", type=float, default=0.5, help="without calibration (0.5)")
+    p.add_argument("--threshold", type=probability, default=0.5, help="without calibration (0.5)")
     p.add_argument(
         "--strict", action="store_true", help="an unreadable image is an error (default: reported)"
     )
@@ -51,7 +60,9 @@ def predict_arguments(p: argparse.ArgumentParser) -> None:
 
 def predict(args: argparse.Namespace) -> int:
     from steelseg.inference.predict import predict, write_submission
+    from steelseg.storage import locate
 
+    locate(args.out, "out").check_new_file(args.overwrite)  # before every image is predicted
     submission = predict(
         args.checkpoint,
         args.images,

@@ -4,6 +4,11 @@
 and returns the table with every problem it found; ``load`` is the strict form used for
 training; ``split`` makes the train/validation split; ``save`` and ``read`` keep the table as
 Parquet.
+
+Names match exactly, case included, as Kaggle's ids and object-store keys do: a row for
+``118060761.jpg`` does not name ``train_images/118060761.JPG``. Such a row is a problem that names
+the file differing only in case, and is tied to that image, so that ``load(drop_bad=True)`` drops
+it: an image that rows name is never kept without its masks, as if it were defect-free.
 """
 
 import csv
@@ -11,7 +16,7 @@ import hashlib
 import io
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -68,18 +73,18 @@ def modality_dir(modality: str) -> str:
 
 
 def read_masks(
-    csv_path: "str | os.PathLike | Location", listed: set[str] | None = None
+    csv_path: "str | os.PathLike | Location", listed: set[tuple[str, int]] | None = None
 ) -> tuple[list[MaskRow], list[Problem]]:
     """Read train.csv in either format (or a submission), local or in a bucket, into non-empty
-    mask rows and per-row problems; ``listed`` collects every image the file names, empty rows
-    included.
+    mask rows and per-row problems; ``listed`` collects every (image, class) pair the file has a
+    row for, empty rows included.
 
     Raises:
         SteelsegError: the file is missing or its header is neither known format.
     """
     location = locate(csv_path, "CSV file")
     try:
-        text = location.read_text()
+        text = location.read_bytes().decode("utf-8-sig")  # Excel's "CSV UTF-8" starts with a BOM
     except UnicodeDecodeError as e:
         raise SteelsegError(f"{location}: not a readable CSV file ({e})") from None
     try:
@@ -89,7 +94,7 @@ def read_masks(
 
 
 def _read_mask_rows(
-    reader, name: str, listed: set[str] | None = None
+    reader, name: str, listed: set[tuple[str, int]] | None = None
 ) -> tuple[list[MaskRow], list[Problem]]:
     header = tuple(next(reader, ()))
     if header not in HEADERS:
@@ -120,7 +125,7 @@ def _read_mask_rows(
             continue
         class_id = int(class_text)
         if listed is not None:
-            listed.add(image_id)
+            listed.add((image_id, class_id))
         if (image_id, class_id) in seen:
             first = seen[(image_id, class_id)]
             problems.append(
@@ -276,16 +281,30 @@ def scan(
         )
     problems += image_problems
 
-    known = set(image_ids)
+    known, folded = set(image_ids), _by_folded_case(image_ids)
     for row in rows:
         if row.image_id not in known:
-            message = f"image {row.image_id} is not in {first}/"
-            problems.append(Problem(f"train.csv row {row.line}", message, row.image_id))
+            problems.append(_missing_image(row, folded, first))
     rows = [r for r in rows if r.image_id in known]
     bad_images = {p.image_id for p in image_problems}
     problems += _check_rle(table, rows, bad_images, "train.csv")
     _add_masks(table, rows)
     return table, problems
+
+
+def _missing_image(row: MaskRow, folded: dict[str, str], folder: str) -> Problem:
+    """A row whose image is not in the folder. An image whose name differs only in case is named,
+    and the problem is tied to it: ``load(drop_bad=True)`` drops it rather than keep it as a
+    defect-free image."""
+    message = f"image {row.image_id} is not in {folder}/"
+    other = folded.get(row.image_id.casefold())
+    if other:
+        message += f" ({other} differs only in case)"
+    return Problem(f"train.csv row {row.line}", message, other or row.image_id)
+
+
+def _by_folded_case(names: Iterable[str]) -> dict[str, str]:
+    return {name.casefold(): name for name in names}
 
 
 def _add_modality(
@@ -302,10 +321,13 @@ def _add_modality(
     listed = set(list_images(data / folder))
     table[f"path_{modality}"] = [(data / folder / i).target for i in table["image_id"]]
     present = table["image_id"].isin(listed)
-    problems = [
-        Problem(f"{folder}/{image_id}", f"missing (modality {modality!r})", image_id)
-        for image_id in table.loc[~present, "image_id"]
-    ]
+    problems, folded = [], _by_folded_case(listed)
+    for image_id in table.loc[~present, "image_id"]:
+        other = folded.get(image_id.casefold())
+        note = f"; {other} differs only in case" if other else ""
+        problems.append(
+            Problem(f"{folder}/{image_id}", f"missing (modality {modality!r}{note})", image_id)
+        )
     found = table.loc[present, ["image_id", f"path_{modality}"]].rename(
         columns={f"path_{modality}": "path"}
     )
@@ -355,6 +377,17 @@ def load(
         f"(steelseg validate {data_dir} lists them)"
     )
     return table[keep].reset_index(drop=True)
+
+
+def nothing_to_learn(table: pd.DataFrame, data_dir: "str | os.PathLike | Location") -> str | None:
+    """The warning for a data set in which no image has a defect, None when some have: trained on
+    it, a model can only learn to predict no defect anywhere."""
+    if table[HAS_COLUMNS].to_numpy().any():
+        return None
+    return (
+        f"{data_dir}: none of the {len(table)} images has a defect (no train.csv row with "
+        "EncodedPixels): there is nothing to learn but predicting no defect"
+    )
 
 
 def presence_pattern(table: pd.DataFrame) -> pd.Series:

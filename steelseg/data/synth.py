@@ -31,6 +31,7 @@ from PIL import Image
 from steelseg.data import rle
 from steelseg.data.catalog import modality_dir
 from steelseg.errors import SteelsegError
+from steelseg.storage import locate
 
 DEFECT_FREE = 0.47
 CLASS_SHARE = np.array([897, 247, 5150, 801]) / 7095
@@ -250,7 +251,8 @@ def write_dataset(
     """Write ``n_images`` synthetic images and their ``train.csv`` under ``out``.
 
     Raises:
-        SteelsegError: a bad size or modality, or an ``out`` folder that already holds data.
+        SteelsegError: a bad size or modality, or an ``out`` that is not a new or empty
+            folder, or cannot be written.
     """
     if height < 16 or width < 16:
         raise SteelsegError(f"image size {height}x{width} is too small (16x16 at least)")
@@ -263,8 +265,10 @@ def write_dataset(
             f"the others from {', '.join(MODALITIES[1:])}"
         )
     out = Path(out)
-    if (out / "train.csv").exists():
-        raise SteelsegError(f"{out}: already holds a train.csv; choose an empty folder")
+    if out.is_file() or (out.is_dir() and any(out.iterdir())):
+        # images left there (of another seed, say) would join the new set as defect-free ones
+        raise SteelsegError(f"{out}: not an empty folder; synth writes into a new or empty one")
+    locate(out, "synth folder").check_writable()
     for modality in modalities:
         (out / modality_dir(modality)).mkdir(parents=True, exist_ok=True)
     spec = SynthSpec(height, width, seed, tuple(modalities))

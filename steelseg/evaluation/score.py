@@ -1,7 +1,11 @@
 """Scoring a submission against the truth: the Kaggle mean Dice over (image, class) pairs, per
 class, over pairs with a defect, the all-empty baseline, and image-level presence precision and
 recall per class. The images of one folder are the set scored; truth rows of other images are
-ignored, so the full train.csv scores a folder holding the validation images only."""
+ignored, so the full train.csv scores a folder holding the validation images only.
+
+A submission has a row for every (image, class) pair of the folder, as Kaggle's sample submission
+does and its scorer requires (an empty EncodedPixels is "no defect"): a missing pair is an error,
+as a missing image is, never scored as "no defect"."""
 
 from pathlib import Path
 
@@ -9,17 +13,17 @@ import numpy as np
 import torch
 
 from steelseg.data import catalog, rle
-from steelseg.domain import N_CLASSES
+from steelseg.domain import CLASS_IDS, N_CLASSES
 from steelseg.errors import RLEError, SteelsegError
 from steelseg.evaluation.metrics import DiceCounts, Scores
 from steelseg.storage import Location, locate
 
 
 def read_rows(
-    csv_path: "str | Path | Location", listed: set[str] | None = None
+    csv_path: "str | Path | Location", listed: set[tuple[str, int]] | None = None
 ) -> dict[str, dict[int, catalog.MaskRow]]:
     """image -> {class: row} of a train.csv or a submission's non-empty rows; a bad row is an
-    error naming the file and row."""
+    error naming the file and row. ``listed`` collects the (image, class) pairs with a row."""
     rows, problems = catalog.read_masks(csv_path, listed)
     if problems:
         raise SteelsegError(f"{len(problems)} bad row(s) in {csv_path}, first: {problems[0]}")
@@ -49,7 +53,7 @@ def score_submission(truth_csv: str, images_dir: str, submission_csv: str) -> Sc
 
     Raises:
         SteelsegError: an unreadable file, a bad row or RLE (named), or a submission that misses
-            images of the folder or names images outside it.
+            images of the folder or (image, class) pairs of them, or names images outside it.
     """
     folder = locate(images_dir, "images")
     truth_csv, submission_csv = locate(truth_csv, "truth"), locate(submission_csv, "submission")
@@ -57,18 +61,9 @@ def score_submission(truth_csv: str, images_dir: str, submission_csv: str) -> Sc
     if not names:
         raise SteelsegError(f"{folder}: no .jpg images to score")
     truth = read_rows(truth_csv)
-    listed: set[str] = set()
+    listed: set[tuple[str, int]] = set()
     predicted = read_rows(submission_csv, listed)
-    missing = sorted(set(names) - listed)
-    if missing:
-        raise SteelsegError(
-            f"{submission_csv}: no rows for {len(missing)} image(s) of {folder}, e.g. {missing[0]}"
-        )
-    extra = sorted(listed - set(names))
-    if extra:
-        raise SteelsegError(
-            f"{submission_csv}: {len(extra)} image(s) not in {folder}, e.g. {extra[0]}"
-        )
+    check_rows(submission_csv, folder, names, listed)
     counts = DiceCounts()
     infos = catalog.inspect_many([(folder / name).target for name in names], decode=False)
     for name, info in zip(names, infos):
@@ -78,6 +73,36 @@ def score_submission(truth_csv: str, images_dir: str, submission_csv: str) -> Sc
         pred = rows_to_masks(predicted.get(name, {}), info.height, info.width, submission_csv)
         counts.update(torch.from_numpy(pred[None]), torch.from_numpy(true[None]))
     return counts.compute()
+
+
+def check_rows(
+    submission: Location, folder: Location, names: list[str], listed: set[tuple[str, int]]
+) -> None:
+    """A submission must have a row for each class of every image of the folder, and no other.
+
+    Raises:
+        SteelsegError: images or (image, class) pairs without a row, or images outside the
+            folder: how many, and the first.
+    """
+    named = {image for image, _ in listed}
+    missing = sorted(set(names) - named)
+    if missing:
+        other = {n.casefold(): n for n in named}.get(missing[0].casefold())
+        note = f" (its {other} differs only in case)" if other else ""
+        raise SteelsegError(
+            f"{submission}: no rows for {len(missing)} image(s) of {folder}, e.g. {missing[0]}"
+            + note
+        )
+    extra = sorted(named - set(names))
+    if extra:
+        raise SteelsegError(f"{submission}: {len(extra)} image(s) not in {folder}, e.g. {extra[0]}")
+    gaps = [(name, c) for name in names for c in CLASS_IDS if (name, c) not in listed]
+    if gaps:
+        image, class_id = gaps[0]
+        raise SteelsegError(
+            f"{submission}: no row for {len(gaps)} (image, class) pair(s), e.g. {image} class "
+            f"{class_id} (an empty EncodedPixels says no defect)"
+        )
 
 
 def format_scores(scores: Scores, images: int | None = None) -> str:

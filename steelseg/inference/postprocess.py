@@ -7,6 +7,7 @@ Kaggle Dice; ``steelseg.runs`` stores them with a checkpoint, and prediction use
 
 import dataclasses
 import itertools
+import numbers
 
 import cv2
 import numpy as np
@@ -21,6 +22,11 @@ THRESHOLDS = (0.5, 0.3, 0.35, 0.4, 0.45, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
 AREA_FRACTIONS = (0.0, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.015)
 COMPONENT_FRACTIONS = (0.0, 0.0002, 0.001)
 GATES = (0.0, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+def _is_count(value) -> bool:
+    """A whole number >= 0 (a NaN from a JSON file fails every comparison: not one)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +48,11 @@ class ClassRule:
     def __post_init__(self):
         if not 0 < self.threshold < 1:
             raise SteelsegError(f"threshold must be in (0, 1), got {self.threshold}")
-        if self.min_area < 0 or self.min_component < 0:
-            raise SteelsegError("min_area and min_component must be >= 0")
+        for name in ("min_area", "min_component"):
+            if not _is_count(getattr(self, name)):
+                raise SteelsegError(
+                    f"{name} must be a whole number >= 0, got {getattr(self, name)}"
+                )
         if not 0 <= self.gate < 1:
             raise SteelsegError(f"gate must be in [0, 1), got {self.gate}")
 
@@ -54,6 +63,11 @@ class Rules:
 
     classes: tuple[ClassRule, ...] = (ClassRule(),) * N_CLASSES
     image_size: tuple[int, int] | None = None  # (H, W) the areas were calibrated at
+
+    def __post_init__(self):
+        size = self.image_size
+        if size is not None and not (len(size) == 2 and all(_is_count(v) and v for v in size)):
+            raise SteelsegError(f"image_size must be [height, width] in pixels, got {size}")
 
     @classmethod
     def plain(cls, threshold: float = 0.5) -> "Rules":

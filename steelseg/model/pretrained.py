@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from steelseg.errors import SteelsegError
+from steelseg.errors import SteelsegError, one_line
 from steelseg.model.unet import UNet
 from steelseg.storage import locate
 
@@ -71,7 +71,7 @@ def load_encoder_file(model: UNet, path: str | os.PathLike) -> None:
     try:
         state = torch.load(path.open_buffer(), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a file that is not a state_dict
-        raise SteelsegError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
+        raise SteelsegError(f"{path}: cannot read weights ({one_line(e)})") from None
     if not isinstance(state, dict):
         raise SteelsegError(f"{path}: holds a {type(state).__name__}, not a state_dict")
     load_encoder_state(model, state, str(path))

@@ -87,6 +87,8 @@ def load_split(
     """
     data, run_dir = data_folder(config), config.run_dir
     table = checked_table(config, data, inspect, (run_dir, *checks))
+    if note := catalog.nothing_to_learn(table, data):
+        log.warning(note)
     if len(table) < 2 * config.num_workers:
         raise SteelsegError(
             f"{data}: {len(table)} images are too few for {config.num_workers} workers"

@@ -315,8 +315,8 @@ def write_hparams(run_dir: Location, params: dict, history: pd.DataFrame) -> Non
 
 def read_space_file(path: str | os.PathLike) -> dict[str, Any]:
     try:
-        spec = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
+        spec = yaml.safe_load(Path(path).read_bytes().decode("utf-8-sig"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         reason = " ".join(str(e).split())
         raise SteelsegError(f"{path}: cannot read search space ({reason})") from None
     if not isinstance(spec, dict):

@@ -156,3 +156,66 @@ def test_summary_counts(real_dir):
     assert s["masks"] == {1: 0, 2: 0, 3: 1, 4: 1}
     assert s["mean_area_fraction"][4] == pytest.approx(24515 / (256 * 1600))
     assert np.isclose(s["mean_area_fraction"][1], 0.0)
+
+
+def test_a_csv_with_a_byte_order_mark_reads_as_without(data_copy):
+    """Excel's "CSV UTF-8" starts the file with a UTF-8 byte-order mark."""
+    plain, _ = catalog.scan(data_copy)
+    text = (data_copy / "train.csv").read_text()
+    (data_copy / "train.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    table, problems = catalog.scan(data_copy)
+    assert problems == []
+    pd.testing.assert_frame_equal(table, plain)
+
+
+def rename_to_upper_case_extension(data_dir, folder="train_images") -> tuple[str, str, list[int]]:
+    """An image with rows saved as .JPG: (its id in train.csv, its file name, its rows' lines)."""
+    lines = (data_dir / "train.csv").read_text().splitlines()
+    image_id = lines[1].split(",")[0]
+    upper = image_id.removesuffix(".jpg") + ".JPG"
+    (data_dir / folder / image_id).rename(data_dir / folder / upper)
+    rows = [n for n, line in enumerate(lines, start=1) if line.startswith(image_id + ",")]
+    return image_id, upper, rows
+
+
+def test_a_row_whose_image_differs_only_in_case_names_the_file(data_copy):
+    image_id, upper, rows = rename_to_upper_case_extension(data_copy)
+    table, problems = catalog.scan(data_copy)
+    assert upper in set(table["image_id"])  # the listing takes .JPG
+    note = f"({upper} differs only in case)"
+    assert messages(problems) == [
+        f"train.csv row {n}: image {image_id} is not in train_images/ {note}" for n in rows
+    ]
+    assert {p.image_id for p in problems} == {upper}
+
+
+def test_drop_bad_drops_an_image_whose_rows_name_it_in_another_case(data_copy):
+    _, upper, rows = rename_to_upper_case_extension(data_copy)
+    printed = []
+    table = catalog.load(data_copy, drop_bad=True, report=printed.append)
+    assert len(table) == 59 and upper not in set(table["image_id"])
+    assert printed == [
+        f"dropped 1 of 60 images for {len(rows)} problems "
+        f"(steelseg validate {data_copy} lists them)"
+    ]
+
+
+def test_an_extra_modality_image_that_differs_only_in_case_is_named(data_copy):
+    import shutil
+
+    shutil.copytree(data_copy / "train_images", data_copy / "train_images_ir")
+    image_id, upper, _ = rename_to_upper_case_extension(data_copy, "train_images_ir")
+    _, problems = catalog.scan(data_copy, modalities=("visible", "ir"))
+    assert messages(problems) == [
+        f"train_images_ir/{image_id}: missing (modality 'ir'; {upper} differs only in case)"
+    ]
+
+
+def test_nothing_to_learn_only_without_any_defect(synth_dir):
+    table, _ = catalog.scan(synth_dir)
+    assert catalog.nothing_to_learn(table, "d") is None
+    one = table.assign(**dict.fromkeys(HAS_COLUMNS, False))
+    one.loc[5, "has_2"] = True
+    assert catalog.nothing_to_learn(one, "d") is None
+    clean = table.assign(**dict.fromkeys(HAS_COLUMNS, False))
+    assert catalog.nothing_to_learn(clean, "d").startswith("d: none of the 60 images has a defect")

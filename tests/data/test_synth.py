@@ -104,7 +104,9 @@ def test_second_modality_sees_defects_the_visible_one_hides(tmp_path):
 
 
 def test_bad_arguments_are_errors(tmp_path, synth_dir):
-    with pytest.raises(SteelsegError, match="already holds a train.csv"):
+    with pytest.raises(
+        SteelsegError, match="not an empty folder; synth writes into a new or empty"
+    ):
         synth.write_dataset(synth_dir, 1, height=32, width=160)
     with pytest.raises(SteelsegError, match="the first must be 'visible'"):
         synth.write_dataset(tmp_path / "x", 1, modalities=["xray"])

@@ -66,3 +66,56 @@ def test_evaluate_names_the_truth_file_and_row_of_a_bad_rle(real_dir, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.count("\n") == 0
     assert f"{truth} row {len(lines) + 1}: bad RLE for image {names[0]} class 2" in err
+
+
+def test_a_submission_with_a_byte_order_mark_scores_as_without(real_dir, tmp_path):
+    from steelseg.evaluation.score import read_rows, score_submission
+
+    images = real_dir / "train_images"
+    names = catalog.list_images(images)
+    rows = read_rows(real_dir / "train.csv")
+    truth = {name: {c: row.rle for c, row in by_class.items()} for name, by_class in rows.items()}
+    path = write_submission(tmp_path / "p.csv", truth, names)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # Excel's "CSV UTF-8"
+    assert score_submission(real_dir / "train.csv", images, path).kaggle_dice == 1.0
+
+
+def evaluate(real_dir, submission: Path) -> int:
+    return steelseg(["evaluate", "--truth", str(real_dir / "train.csv"), "--images",
+                     str(real_dir / "train_images"), "--submission", str(submission)])  # fmt: skip
+
+
+def test_a_missing_image_class_row_is_an_error_as_a_missing_image_is(real_dir, tmp_path, capsys):
+    names = catalog.list_images(real_dir / "train_images")
+    lines = write_submission(tmp_path / "all.csv", {}, names).read_text().splitlines()
+    assert lines[1:5] == [f"{names[0]},,{c}" for c in (1, 2, 3, 4)]
+    for dropped in ([f"{names[1]},,3"], [f"{names[1]},,3", f"{names[2]},,1"]):
+        short = tmp_path / "short.csv"
+        short.write_text("\n".join(line for line in lines if line not in dropped) + "\n")
+        assert evaluate(real_dir, short) == 1
+        assert capsys.readouterr().err == (
+            f"steelseg: error: {short}: no row for {len(dropped)} (image, class) pair(s), e.g. "
+            f"{names[1]} class 3 (an empty EncodedPixels says no defect)\n"
+        )
+
+
+def test_what_predict_writes_has_every_pair_and_scores(real_dir, tmp_path, capsys):
+    from steelseg.inference.predict import to_submission, write_submission
+
+    names = catalog.list_images(real_dir / "train_images")
+    results = pd.DataFrame({"image_id": names, **{f"rle_{c}": [""] * 3 for c in (1, 2, 3, 4)}})
+    results.loc[1, "rle_3"] = "1 10"
+    out = write_submission(to_submission(results), tmp_path / "sub.csv")
+    assert evaluate(real_dir, Path(out.path)) == 0
+    assert capsys.readouterr().out.startswith("Kaggle mean Dice")
+
+
+def test_a_submission_naming_an_image_in_another_case_says_so(real_dir, tmp_path, capsys):
+    names = catalog.list_images(real_dir / "train_images")
+    other = names[0].upper()  # 0A1CADE03.JPG
+    submission = write_submission(tmp_path / "s.csv", {}, [other, *names[1:]])
+    assert evaluate(real_dir, submission) == 1
+    assert capsys.readouterr().err == (
+        f"steelseg: error: {submission}: no rows for 1 image(s) of {real_dir / 'train_images'}, "
+        f"e.g. {names[0]} (its {other} differs only in case)\n"
+    )

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -48,6 +50,15 @@ def test_areas_rescale_to_the_predicted_image_size():
         ({"classes": [{}] * 3}, "4 classes needed"),
         ({"classes": [{"thresh": 0.5}] * 4}, "unexpected keyword"),
         ({}, "classes"),
+        ({"classes": [{"threshold": math.nan}] * 4}, "threshold must be in"),
+        ({"classes": [{"gate": math.inf}] * 4}, "gate must be in"),
+        (
+            {"classes": [{"min_area": math.nan}] * 4},
+            "min_area must be a whole number >= 0, got nan",
+        ),
+        ({"classes": [{"min_component": 2.5}] * 4}, "min_component must be a whole number"),
+        ({"classes": [{}] * 4, "image_size": [0, 160]}, r"image_size must be \[height, width\]"),
+        ({"classes": [{}] * 4, "image_size": [math.nan, 160]}, "image_size must be"),
     ],
 )
 def test_bad_rules_are_an_error_naming_the_file(data, message):

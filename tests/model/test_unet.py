@@ -69,6 +69,15 @@ def test_unreadable_or_missing_weights_file(tmp_path):
         pretrained.load_encoder_file(UNet(), tmp_path / "none.pth")
 
 
+def test_a_weights_file_of_random_bytes_is_one_line(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(bytes(range(256)) * 4)  # pickle opcodes torch refuses
+    with pytest.raises(SteelsegError) as info:
+        pretrained.load_encoder_file(UNet(), tmp_path / "junk.pth")
+    assert str(info.value) == (
+        f"{tmp_path / 'junk.pth'}: cannot read weights (UnpicklingError: Weights only load failed)"
+    )
+
+
 def test_imagenet_offline_is_a_clear_message(monkeypatch):
     from urllib.error import URLError
 

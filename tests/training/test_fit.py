@@ -405,3 +405,21 @@ def test_a_ranks_batches_of_an_epoch_are_the_same_in_every_run(cluster, synth_di
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["mask"], b["mask"])
     assert not all(np.array_equal(a["image"], b["image"]) for a, b in zip(first, other))
+
+
+def test_a_data_set_without_a_defect_is_warned_of_before_training(
+    data_copy, tmp_path, steelseg_log
+):
+    from steelseg.config import TrainConfig
+    from steelseg.training.fit import load_split
+
+    config = TrainConfig(data=str(data_copy), storage=str(tmp_path))
+    load_split(config)
+    assert steelseg_log == []
+    (data_copy / "train.csv").write_text("ImageId,ClassId,EncodedPixels\n")
+    train, val = load_split(config)
+    assert len(train) + len(val) == 60
+    assert steelseg_log == [
+        f"warning: {data_copy}: none of the 60 images has a defect (no train.csv row with "
+        "EncodedPixels): there is nothing to learn but predicting no defect"
+    ]

@@ -13,7 +13,7 @@ from sweeprun import LRS, histories, trial_statuses
 from steelseg.config import TrainConfig, read_config_file
 from steelseg.errors import SteelsegError
 from steelseg.storage import Location, locate
-from steelseg.training.sweep import search_space
+from steelseg.training.sweep import read_space_file, search_space
 
 
 def read_csv(file: Location) -> pd.DataFrame:
@@ -110,6 +110,9 @@ def test_best_config_is_a_config_the_train_job_takes(sweep_run, tmp_path):
         ({"lr": {"loguniform": ["fast", 1e-2]}}, "lr takes float values, got 'fast'"),
         ({"batch_size": {"choice": [4, 4.5]}}, "batch_size takes int values, got 4.5"),
         ({"lr": {"uniform": [-1, 1]}}, "lr must be positive"),
+        ({"lr": {"loguniform": [1e-4, "inf"]}}, "search space: config lr must be a finite number"),
+        ({"weight_decay": {"choice": [0, "-inf"]}}, "weight_decay must be a finite number"),
+        ({"dice_weight": {"uniform": [0, float("inf")]}}, "dice_weight must be a finite number"),
     ],
 )
 def test_bad_search_space_is_an_error(spec, message):
@@ -173,3 +176,18 @@ def test_a_trials_best_epoch_is_the_later_on_a_tie_as_its_best_checkpoint():
     history.loc[2, "val_kaggle_dice"] = 0.9
     assert best_epoch(history)["epoch"] == 3
     assert best_epoch(history.iloc[:0]) is None
+
+
+def test_a_space_file_with_a_bom_reads_and_one_not_text_is_one_line(tmp_path, capsys):
+    from ray_jobs.tune import main
+
+    space = tmp_path / "space.yaml"
+    space.write_bytes(b"\xef\xbb\xbflr: {loguniform: [1e-4, 1e-2]}\n")
+    assert read_space_file(space) == {"lr": {"loguniform": ["1e-4", "1e-2"]}}  # YAML 1.1
+    space.write_bytes(b"\xff\xd8\xff\xe0 a JPEG, say")
+    assert main(["--search-space", str(space), "--data", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"steelseg: error: {space}: cannot read search space (")
+        and err.count("\n") == 1
+    )
