@@ -8,10 +8,24 @@ from steelseg.cli import main
 def test_synth_then_validate_prints_statistics(tmp_path, capsys):
     out = tmp_path / "d"
     assert main(["synth", str(out), "--images", "40", "--height", "32", "--width", "160"]) == 0
+    capsys.readouterr()
     assert main(["validate", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "40 images" in printed and "real data 47%" in printed
-    assert printed.strip().endswith(f"0 problem(s) in {out}")
+    printed = capsys.readouterr().out.splitlines()
+    from steelseg.data import catalog
+
+    s = catalog.summary(catalog.scan(out)[0])
+    free, by_count = s["defect_free"], s["images_by_class_count"]
+    assert printed[0] == (
+        f"40 images, {free} defect-free ({free / 40:.1%}; real data 47%), with 1/2/3 classes: "
+        f"{by_count[1]}/{by_count[2]}/{by_count[3]}"
+    )
+    masks = sum(s["masks"].values())
+    for c in (1, 2, 3, 4):  # each class's masks, share and mean area, as the summary counts
+        fields = printed[1 + c].split()
+        assert fields[:3] == [str(c), str(s["masks"][c]), f"{s['masks'][c] / masks:.1%}"]
+        assert fields[4] == f"{s['mean_area_fraction'][c]:.2%}"
+    assert sum(by_count.values()) + free == 40 and masks > 0
+    assert printed[-1] == f"0 problem(s) in {out}"
 
 
 def test_broken_csv_row_is_one_line_naming_the_row_and_exit_1(data_copy, capsys):

@@ -53,6 +53,8 @@ def probability_tensor(
     """``probabilities`` left on the device. Each flipped view is padded on its own, so TTA is
     exactly the mean of predicting the flipped images. ``amp``: the checkpoint's config.amp
     (``inputs.autocast_dtype`` decides what it means on ``device``)."""
+    if not batch.flags.writeable:  # torch warns of a read-only array (an image's, Arrow's)
+        batch = batch.copy()
     x, _ = inputs.to_inputs(
         {"image": torch.from_numpy(batch), "mask": torch.zeros(batch.shape[:3], dtype=torch.uint8)},
         device,

@@ -370,15 +370,49 @@ def test_checkpoint_paths_a_run_a_sweep_and_errors(run_dir, tmp_path):
         resolve_checkpoint(run_dir / "tensorboard")
 
 
+def overlaid_classes(picture: np.ndarray) -> set[int]:
+    """The classes whose colour is blended into the grey steel of a figure's panels: coloured
+    pixels (the images are grey) whose colour, less the grey, points the class colour's way;
+    the legend's patches (the colours unblended) are left out."""
+    from steelseg.evaluation.figures import CLASS_COLORS
+
+    rgb = picture.astype(np.float32)
+    legend = np.zeros(rgb.shape[:2], bool)
+    for colour in CLASS_COLORS:
+        legend |= np.abs(rgb - colour).max(axis=2) <= 6
+    rows = np.flatnonzero(legend.any(axis=1))  # the legend's rows, and their edges
+    near_legend = np.zeros(rgb.shape[0], bool)
+    for row in rows:
+        near_legend[max(row - 4, 0) : row + 5] = True
+    tinted = (rgb.max(axis=2) - rgb.min(axis=2) > 25) & ~near_legend[:, None]
+    shift = rgb[tinted] - rgb[tinted].mean(axis=1, keepdims=True)
+    directions = CLASS_COLORS - CLASS_COLORS.mean(axis=1, keepdims=True)
+    directions = directions / np.linalg.norm(directions, axis=1, keepdims=True)
+    nearest = (shift @ directions.T).argmax(axis=1)
+    counts = np.bincount(nearest, minlength=4)
+    return {c + 1 for c in range(4) if counts[c] >= 20}
+
+
 def test_figures_are_written_and_show_the_masks(run_dir, four_class_uri, plain_submission, s3):
+    from steelseg.cli.evaluation import submission_samples
+    from steelseg.data import catalog
+
     # data, run, submission and the figures' folder all in the bucket
     code = steelseg(["figures", s3.uri("figures"), "--data", four_class_uri,
                      "--run", run_dir.target, "--submission", plain_submission,
                      "--count", "2"])  # fmt: skip
     assert code == 0
+    pictures = {}
     for name in ("figure1_samples.png", "figure2_loss.png", "figure3_predictions.png"):
-        picture = Image.open(io.BytesIO(s3.read(f"figures/{name}"))).convert("L")
-        picture = np.asarray(picture, dtype=np.float32)
-        assert picture.shape[0] > 200 and picture.shape[1] > 400
-        assert picture.std() > 10, f"{name} is blank"
+        picture = Image.open(io.BytesIO(s3.read(f"figures/{name}"))).convert("RGB")
+        pictures[name] = np.asarray(picture)
+        assert pictures[name].shape[0] > 200 and pictures[name].shape[1] > 400
+        assert pictures[name].std() > 10, f"{name} is blank"
+    # Figure 3 shows, truth above prediction, the submission's first two images with a defect:
+    # the colours of exactly their classes
+    table = catalog.load(four_class_uri, decode_images=False)
+    shown = submission_samples(table, plain_submission, 2)
+    classes = {c + 1 for _, _, true, pred in shown for c in range(4) if (true[c] | pred[c]).any()}
+    assert classes and overlaid_classes(pictures["figure3_predictions.png"]) == classes
+    assert overlaid_classes(pictures["figure1_samples.png"])  # its defect samples' classes
     assert steelseg(["figures", s3.uri("figures")]) == 1

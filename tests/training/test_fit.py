@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ODD_W, small_run
+from conftest import ODD_H, ODD_W, small_run
 
+from steelseg import runs
 from steelseg.errors import SteelsegError
 from steelseg.runs import (
     best_checkpoint,
@@ -28,7 +29,7 @@ from steelseg.training.recipe import lr_factor
 TRAIN_IMAGES, VAL_IMAGES = 72, 24  # of the 96 images, val_fraction 0.25
 
 
-def test_two_workers_on_two_nodes_learn_all_four_classes_from_crops(trained_run):
+def test_two_workers_on_two_nodes_learn_from_crops_of_all_four_classes(trained_run):
     run_dir = trained_run.run_dir
     history = read_history(run_dir)
     assert history["epoch"].tolist() == [1, 2, 3]
@@ -41,7 +42,11 @@ def test_two_workers_on_two_nodes_learn_all_four_classes_from_crops(trained_run)
     assert last["val_loss"] < first["val_loss"]
     assert last["val_dice_nonempty"] > first["val_dice_nonempty"] + 0.05
     assert last["val_kaggle_dice"] > last["val_empty_baseline"]
-    for c in (1, 2, 3, 4):  # every class is in the validation split
+    # every class is in the validation split, so each has a defect Dice (whatever it is: three
+    # epochs of 72 crops learn the large classes 3 and 4, not yet the small 1 and 2)
+    split = runs.read_split(run_dir, "val")
+    assert split[[f"has_{c}" for c in (1, 2, 3, 4)]].any().all()
+    for c in (1, 2, 3, 4):
         assert not pd.isna(last[f"val_dice_nonempty_class_{c}"])
 
 
@@ -114,8 +119,15 @@ def test_the_finished_run_calibrated_its_best_checkpoint(trained_run):
     from conftest import RESUMED
 
     report = trained_run.calibration  # stored in the bucket, beside the best checkpoint
-    assert report["images"] == VAL_IMAGES and load_rules(best_checkpoint(trained_run.run_dir))
-    assert report["kaggle_dice_after"] >= report["kaggle_dice_before"]
+    best = best_checkpoint(trained_run.run_dir)
+    assert report["images"] == VAL_IMAGES and report["checkpoint"] == best.target
+    rules = load_rules(best)
+    assert rules.image_size == (ODD_H, ODD_W)  # whole validation images, not the crops
+    # the plain rule's score is the run's own validation score of that checkpoint: the same
+    # model (rank 0's statistics), every validation image, the same threshold
+    scores = read_history(trained_run.run_dir).set_index("epoch")[runs.SCORE]
+    epoch = int(best.name.removeprefix("epoch_"))
+    assert report["kaggle_dice_before"] == pytest.approx(scores[epoch], abs=0.002)  # bf16 noise
     _, logs = trained_run.submitted[RESUMED]
     before, after = report["kaggle_dice_before"], report["kaggle_dice_after"]
     told = f"calibrated:  val Dice {before:.4f} -> {after:.4f} on {VAL_IMAGES} images"
@@ -131,8 +143,10 @@ def test_rebuild_model_from_checkpoint_alone(trained_run, four_class_uri):
     assert set(state) == {"model", "config", "epoch", "metrics"}  # no optimizer read to predict
     whole = read_state(run_dir / "epoch_0003")
     assert {"model", "optimizer", "scheduler", "scaler", "epoch", "config"} <= set(whole)
-    with torch.no_grad():
-        assert model(torch.zeros(1, 3, 32, 160)).shape == (1, 4, 32, 160)
+    rebuilt = model.state_dict()
+    assert rebuilt.keys() == whole["model"].keys()
+    for name, value in whole["model"].items():
+        assert torch.equal(rebuilt[name], value), name
 
 
 def test_the_run_lives_wholly_in_the_bucket(trained_run, s3):

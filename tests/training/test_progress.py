@@ -47,7 +47,13 @@ def test_sender_sends_first_and_last_batch_and_at_most_twice_a_second():
     assert batches[0] == 1 and batches[-1] == 100 and len(batches) <= 4
     sender.epoch(metrics(1))
     assert queue.items[-1] == ("epoch", metrics(1))
-    progress.Sender(None).step(1, 1, 1, 0.5)  # ranks other than 0 send nothing
+    quiet = progress.Sender(None)  # the sender of ranks other than 0
+    quiet._send = queue.items.append  # would record anything it sent
+    sent = len(queue.items)
+    for batch in (1, 2, 3):
+        quiet.step(1, batch, 3, 0.5)
+    quiet.epoch(metrics(1))
+    assert len(queue.items) == sent
 
 
 def printer(bar):
