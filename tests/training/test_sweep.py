@@ -191,3 +191,25 @@ def test_a_space_file_with_a_bom_reads_and_one_not_text_is_one_line(tmp_path, ca
         err.startswith(f"steelseg: error: {space}: cannot read search space (")
         and err.count("\n") == 1
     )
+
+
+def test_a_sweep_whose_trials_all_failed_says_why_in_one_line(tmp_path):
+    from types import SimpleNamespace
+
+    from steelseg.storage import locate
+    from steelseg.training.sweep import write_results
+
+    sweep_dir = locate(tmp_path / "sweep", "sweep")
+    failed = [
+        SimpleNamespace(path=f"/elsewhere/trial_{i}", config={"lr": lr},
+                        error=SteelsegError(f"training failed: /d/{i}.jpg: no such image"))
+        for i, lr in enumerate((1e-3, 1e-4))
+    ]  # fmt: skip
+    with pytest.raises(SteelsegError) as info:
+        write_results(failed, TrainConfig(), sweep_dir)
+    assert str(info.value) == (
+        f"{sweep_dir}: no trial finished an epoch (first error: training failed: /d/0.jpg: no "
+        f"such image); see {sweep_dir / 'trials'}"
+    )
+    results = pd.read_csv(tmp_path / "sweep" / "results.csv")
+    assert results["error"].tolist() == [str(f.error) for f in failed]
