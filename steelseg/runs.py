@@ -125,14 +125,32 @@ def read_state(folder: Where) -> dict:
     return {**model_part, **_load(place / TRAINING_FILE, TRAINING_KEYS)}
 
 
-def load_config(folder: Where) -> TrainConfig:
-    """The run config stored in a checkpoint, without reading its tensors when it is local.
+def load_config(folder: Where, *, check_weights: bool = False) -> TrainConfig:
+    """The run config stored in a checkpoint, without reading its tensors when it is local;
+    with ``check_weights`` the weights are read too and must be finite.
 
     Raises:
-        SteelsegError: no checkpoint, a broken one, or a config in it that is not valid.
+        SteelsegError: no checkpoint, a broken one, a config in it that is not valid, or (with
+            ``check_weights``) weights that are NaN or infinite.
     """
     place = locate(folder, "checkpoint")
-    return _stored_config(read_model_state(place, mmap=True), place / MODEL_FILE)
+    state = read_model_state(place, mmap=True)
+    if check_weights:
+        _check_finite(state["model"], place / MODEL_FILE)
+    return _stored_config(state, place / MODEL_FILE)
+
+
+def _check_finite(weights: dict, file: Location) -> None:
+    broken = [
+        name
+        for name, value in weights.items()
+        if value.is_floating_point() and not torch.isfinite(value).all()
+    ]
+    if broken:
+        raise SteelsegError(
+            f"{file}: {len(broken)} weight tensor(s) are NaN or infinite, e.g. {broken[0]} (the "
+            "run diverged); use an earlier checkpoint"
+        )
 
 
 def _stored_config(state: dict, file: Location) -> TrainConfig:
@@ -151,7 +169,8 @@ def load_checkpoint(folder: Where) -> tuple[torch.nn.Module, TrainConfig, dict]:
     the checkpoint's model part).
 
     Raises:
-        SteelsegError: no checkpoint, a broken one, or weights that do not fit its config.
+        SteelsegError: no checkpoint, a broken one, weights that do not fit its config, or
+            weights that are not finite (a run that diverged).
     """
     place = locate(folder, "checkpoint")
     state = read_model_state(place)
@@ -163,6 +182,7 @@ def load_checkpoint(folder: Where) -> tuple[torch.nn.Module, TrainConfig, dict]:
         raise SteelsegError(
             f"{place / MODEL_FILE}: the weights do not fit the model of its config ({one_line(e)})"
         ) from None
+    _check_finite(state["model"], place / MODEL_FILE)
     return model.eval(), config, state
 
 

@@ -223,3 +223,26 @@ def test_broken_rules_next_to_a_checkpoint_are_one_line(tmp_path):
     assert str(info.value).startswith(
         f"{tmp_path / 'postprocess.json'}: cannot read (UnicodeDecodeError"
     )
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_for_prediction(tmp_path, capsys):
+    from steelseg.cli import main
+    from steelseg.config import TrainConfig
+    from steelseg.runs import load_checkpoint, write_state
+    from steelseg.training.recipe import build_model
+
+    config = TrainConfig()
+    state = build_model(config).state_dict()
+    state["conv_last.weight"][0, 0] = float("nan")
+    folder = tmp_path / "epoch_0002"
+    write_state(folder, {"model": state, "config": config.to_dict(), "epoch": 2,
+                              "metrics": {}})  # fmt: skip
+    with pytest.raises(
+        SteelsegError, match="1 weight tensor.s. are NaN or infinite, e.g. conv_last"
+    ):
+        load_checkpoint(folder)
+    assert main(["predict", "--checkpoint", str(folder), "--images", str(tmp_path)]) == 1
+    assert "NaN or infinite" in capsys.readouterr().err
+    state["conv_last.weight"][0, 0] = 0.0  # the same checkpoint with finite weights loads
+    write_state(folder, {"model": state, "config": config.to_dict(), "epoch": 2, "metrics": {}})
+    assert torch.isfinite(load_checkpoint(folder)[0].conv_last.weight).all()

@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--verbose", action="store_true", help="debug messages, and Ray's logs when it starts"
         )
-        sub.set_defaults(run=command.run)
+        sub.set_defaults(
+            handler=command.run
+        )  # not "run": a command may take an argument of that name
     return parser
 
 
@@ -53,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        return args.run(args)
+        return args.handler(args)
     except SteelsegError as e:
         print_error(e)
         return 1

@@ -235,7 +235,7 @@ def predict(
     if batch_size < 1 or actors < 1:
         raise ValueError(f"batch_size and actors must be >= 1, got {batch_size} and {actors}")
     folder = resolve_checkpoint(checkpoint)
-    config = load_config(folder)
+    config = load_config(folder, check_weights=True)  # before Ray starts
     table = image_paths(images_dir, config.modalities)
     rules = load_rules(folder) if calibrated else None
     how = f"calibrated rules of {folder.name}" if rules else f"threshold {threshold}"

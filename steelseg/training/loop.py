@@ -207,6 +207,8 @@ class Worker:
                 f"the training loss became NaN or infinite in epoch {epoch + 1}, batch "
                 f"{int(first) + 1} of {self.batches}"
             )
+        elif not finite_weights(training.model):  # the epoch's last step; DDP: on every rank
+            metrics["diverged"] = f"the weights became NaN or infinite in epoch {epoch + 1}"
         return metrics
 
     def _save(self, epoch: int, metrics: dict, samples: list) -> None:
@@ -252,6 +254,12 @@ class Worker:
             checkpoint_upload_mode=UPLOAD_MODES[self.config.checkpoint_upload],
             delete_local_checkpoint_after_upload=True,
         )
+
+
+def finite_weights(model: torch.nn.Module) -> bool:
+    """Whether every parameter is finite (one read of the device an epoch)."""
+    flags = torch.stack([torch.isfinite(p).all() for p in model.parameters()])
+    return bool(flags.all())
 
 
 def latest_state() -> dict | None:

@@ -99,7 +99,8 @@ def test_steelseg_tensorboard_serves_a_bucket_run(trained_run, tmp_path):
          "--port", str(port), "--cache", str(tmp_path / "cache"), "--every", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?run=.&tag=epoch"
+    # the cache mirrors the run: its events are in the run "tensorboard"
+    url = f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?run=tensorboard&tag=epoch"
     try:
         deadline, values = time.monotonic() + 120, None
         while values is None and time.monotonic() < deadline:
@@ -114,3 +115,22 @@ def test_steelseg_tensorboard_serves_a_bucket_run(trained_run, tmp_path):
         end_trees([server.pid])
         server.communicate(timeout=30)
     assert not [pid for pid in tree if Path(f"/proc/{pid}").exists()]
+
+
+def test_a_run_whose_loss_diverges_stops_in_one_line_without_a_checkpoint(
+    trained_run, fused_data, tmp_path, capsys
+):
+    """A learning rate of 1e30 sends the weights to infinity after the first step: the epoch
+    ends, every rank sees the all-reduced loss is not finite, and the run stops there."""
+    argv = ["train", "--data", str(fused_data), "--storage", str(tmp_path), "--name", "wild",
+            "--lr", "1e30", "--warmup-steps", "1", "--epochs", "3", "--batch-size", str(BATCH),
+            "--num-workers", "1", "--log-images", "0"]  # fmt: skip
+    capsys.readouterr()
+    assert steelseg(argv) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "steelseg: error: training diverged: the training loss became NaN or infinite in epoch 1,"
+    ), err
+    run = locate(tmp_path / "wild", "run")
+    assert not runs.kept_checkpoints(run)  # nothing kept, nothing calibrated
+    assert runs.read_history(run)["epoch"].tolist() == [1]
