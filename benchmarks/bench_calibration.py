@@ -25,6 +25,7 @@ from steelseg.domain import CLASS_IDS
 from steelseg.evaluation.score import score_submission
 from steelseg.inference import predict
 from steelseg.inference.calibrate import calibrate
+from steelseg.model.inputs import autocast_dtype
 from steelseg.training import epoch, recipe
 
 
@@ -93,7 +94,13 @@ def main():
     stream = batches(load_arrays(train), rng, args.steps, args.batch)
     loss_fn = recipe.build_loss(config).to(device)
     epoch.train_one_epoch(
-        model, stream, loss_fn, optimizer, scheduler, device, amp=device.type == "cuda"
+        model,
+        stream,
+        loss_fn,
+        optimizer,
+        scheduler,
+        device,
+        amp=autocast_dtype(device, True) is not None,
     )
     train_seconds = time.perf_counter() - start
     run = out / "run"

@@ -96,9 +96,11 @@ def with_ray(rows, config, processes: int, epochs: int, allocator: bool = True) 
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.op_resource_reservation_enabled = allocator
-        dataset = pipeline.train_dataset(rows, config)
+        pipeline.ordered_context()  # as a Train worker reads: one rank, its epoch's rows in order
         rates = []
-        for _ in range(epochs):
+        for epoch in range(epochs):
+            epoch_rows = pipeline.train_rows(rows, config.seed, epoch, rank=0, world=1)
+            dataset = pipeline.train_dataset(epoch_rows, config, epoch)
             n, seconds = consume(dataset.iter_torch_batches(batch_size=config.batch_size))
             rates.append(n / seconds)
         return rates

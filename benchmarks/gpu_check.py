@@ -1,7 +1,7 @@
 """The paths a Ray Train worker takes on a GPU, checked with torch alone (no Ray: a lent GPU
 machine has torch but not Ray): build a rank's training through ``steelseg.training.recipe``,
 train a few steps of synthetic batches with the worker's epoch function (bf16 autocast and
-channels_last on CUDA, as the worker decides), save a checkpoint through ``steelseg.runs``,
+channels_last where the worker would use them), save a checkpoint through ``steelseg.runs``,
 restore it into a fresh model and optimizer with the worker's restore, train on, and predict one
 image through the inference path. One line per phase; exit status 1 on any error.
 
@@ -21,7 +21,7 @@ import torch
 from steelseg import runs
 from steelseg.config import TrainConfig
 from steelseg.inference.predict import prepare, probabilities
-from steelseg.model.inputs import prefers_channels_last
+from steelseg.model.inputs import autocast_dtype, prefers_channels_last
 from steelseg.training import epoch, recipe
 
 
@@ -72,7 +72,7 @@ def check(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     height, width = (int(v) for v in args.size.split("x"))
     config = TrainConfig(arch=args.arch, epochs=2, batch_size=args.batch, warmup_steps=1)
-    amp = device.type == "cuda"  # the worker's rule: bf16 autocast on CUDA
+    amp = autocast_dtype(device, config.amp) is not None  # the worker's rule
     layout = prefers_channels_last(device, amp)
     data = batches(args.steps, args.batch, height, width, seed=0)
 

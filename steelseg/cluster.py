@@ -10,6 +10,7 @@ that died is ignored and a local Ray is started instead of waiting on the dead a
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -134,24 +135,31 @@ ACTOR_ARGUMENTS_NOTE = b"has constructor arguments in the object store and max_r
 def without_ray_notes(notes: tuple[bytes, ...] = (ACTOR_ARGUMENTS_NOTE,)):
     """Leave out of this process's stderr the lines holding one of ``notes``, while the block
     runs. Ray's core writes them to file descriptor 2 from C++, past Python's logging, so the
-    descriptor itself is passed through a pipe that a thread copies, line by line; every other
-    line reaches the console as it was written."""
+    descriptor itself is passed through a pipe that a thread copies; every other line reaches
+    the console as it was written. A line ends at a newline or a carriage return (progress bars
+    redraw after one); text that cannot be the start of Ray's log line (``[date ...``) is passed
+    on at once, unfinished."""
     sys.stderr.flush()
     console = os.dup(2)
     read_end, write_end = os.pipe()
     os.dup2(write_end, 2)
     os.close(write_end)
 
+    def write(data: bytes) -> None:
+        while data:
+            data = data[os.write(console, data) :]
+
     def copy() -> None:
         pending = b""
         with os.fdopen(read_end, "rb", buffering=0) as pipe:
             while chunk := pipe.read(65536):
-                *lines, pending = (pending + chunk).split(b"\n")
-                kept = [line + b"\n" for line in lines if not any(n in line for n in notes)]
-                if kept:
-                    os.write(console, b"".join(kept))
-        if pending and not any(n in pending for n in notes):
-            os.write(console, pending)
+                *lines, pending = LINE_ENDS.split(pending + chunk)
+                write(b"".join(line for line in lines if not any(n in line for n in notes)))
+                if pending and not pending.startswith(b"["):
+                    write(pending)
+                    pending = b""
+        if not any(n in pending for n in notes):
+            write(pending)
 
     thread = threading.Thread(target=copy, name="steelseg-stderr", daemon=True)
     thread.start()
@@ -161,7 +169,11 @@ def without_ray_notes(notes: tuple[bytes, ...] = (ACTOR_ARGUMENTS_NOTE,)):
         sys.stderr.flush()
         os.dup2(console, 2)  # the pipe's last writer closed: the thread reads to its end
         thread.join(timeout=10)
-        os.close(console)
+        if not thread.is_alive():  # else it may still write there: the descriptor stays open
+            os.close(console)
+
+
+LINE_ENDS = re.compile(rb"(?<=[\r\n])")  # splits after each, keeping it
 
 
 # --- local paths on a cluster of several nodes -------------------------------------------------

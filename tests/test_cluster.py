@@ -157,5 +157,8 @@ def test_rays_note_on_actor_pools_is_left_out_of_the_console_and_nothing_else(ca
     with without_ray_notes():
         os.write(2, b"before\n" + note + b"after")
         os.write(2, b" the note\n")
+        os.write(2, b"\rbar 1/3\rbar 2/3\r" + note + b"bar 3/3\n[not a note]")
     os.write(2, b"restored\n")
-    assert capfd.readouterr().err == "before\nafter the note\nrestored\n"
+    assert capfd.readouterr().err == (
+        "before\nafter the note\n\rbar 1/3\rbar 2/3\rbar 3/3\n[not a note]restored\n"
+    )

@@ -45,9 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--verbose", action="store_true", help="debug messages, and Ray's logs when it starts"
         )
-        sub.set_defaults(
-            handler=command.run
-        )  # not "run": a command may take an argument of that name
+        # not "run": a command may take an argument of that name (tensorboard's RUN)
+        sub.set_defaults(handler=command.run)
     return parser
 
 

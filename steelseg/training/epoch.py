@@ -50,7 +50,8 @@ def train_one_epoch(
     model.train()
     if channels_last is None:
         channels_last = prefers_channels_last(device, amp)
-    total, seen, pending = torch.zeros((), device=device), 0, 0
+    # float64: a sum of large, finite losses does not overflow to inf
+    total, seen, pending = torch.zeros((), dtype=torch.float64, device=device), 0, 0
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     for i, (batch, last) in enumerate(_with_last(batches)):
         x, y = to_inputs(batch, device, channels_last=channels_last)

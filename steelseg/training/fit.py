@@ -206,7 +206,7 @@ def fit(
     else:  # the images are checked where they are read, on the cluster's nodes
         init_ray(cpus_needed(config), verbose=verbose)
         train_table, val_table = load_split(config, inspect=inspect_on_nodes, checks=checks)
-    pipeline.check_crop(config, pd.concat([train_table, val_table]))
+    pipeline.check_crop(config, train_table)  # validation takes whole images
     check_paths_on_nodes(config)
     train_table = sampling.oversample(train_table, config.rare_share)
     relay = progress.Relay(on_progress) if on_progress else None
@@ -215,9 +215,11 @@ def fit(
             result = build_trainer(config, train_table, val_table, callbacks, relay).fit()
     except TrainingFailedError as e:
         return failed(config, f"training failed: {failure_reason(e)}")
-    metrics = dict(result.metrics or {})
-    if "diverged" in metrics:
-        return failed(config, f"training diverged: {metrics['diverged']}", metrics)
+    metrics = dict(result.metrics or {})  # Ray's: the last report with a checkpoint
+    history = runs.read_history(config.run_dir)
+    last = history.iloc[-1].to_dict() if len(history) else {}
+    if isinstance(last.get("diverged"), str):  # that epoch reported no checkpoint
+        return failed(config, f"training diverged: {last['diverged']}", last)
     best = result.get_best_checkpoint(runs.SCORE, "max") if result.best_checkpoints else None
     best = config.run_dir / posixpath.basename(best.path) if best else None
     calibration = None
@@ -239,14 +241,20 @@ def failed(config: TrainConfig, reason: str, metrics: dict | None = None) -> Fit
 EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", re.MULTILINE)
 
 
+def _names_ours(error: BaseException) -> bool:
+    """Whether a worker's error is, or its traceback names, a steelseg error."""
+    return isinstance(error, SteelsegError) or "steelseg.errors." in str(error)
+
+
 def failure_reason(error: BaseException) -> str:
     """What went wrong, on one line, from Ray Train's ``TrainingFailedError``: the first failed
     worker's own error (a steelseg error's message as it is, another error with its type), not
     Ray's wrappers. An error from a Ray Data task reaches the worker as its traceback's text,
     which is read for the error that started it."""
     failures = getattr(error, "worker_failures", None)
-    if failures:
-        error = failures[min(failures)]
+    if failures:  # a rank's own error before another's collateral one (a broken collective)
+        ranks = sorted(failures, key=lambda r: (not _names_ours(failures[r]), r))
+        error = failures[ranks[0]]
     error = getattr(error, "controller_failure", error)
     chain = []
     while error is not None and error not in chain:

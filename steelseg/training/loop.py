@@ -200,16 +200,29 @@ class Worker:
             **{f"time_{phase}_s": value for phase, value in zip(times, slowest)},
             **counts.compute().as_dict("val_"),
         }
-        if not math.isfinite(train_sum):  # every rank sees the same sum, and stops alike
-            bad = totals.first_nonfinite_batch
-            (first,) = all_reduce_min([bad if bad >= 0 else math.inf], self.device)
-            metrics["diverged"] = (
-                f"the training loss became NaN or infinite in epoch {epoch + 1}, batch "
-                f"{int(first) + 1} of {self.batches}"
-            )
-        elif not finite_weights(training.model):  # the epoch's last step; DDP: on every rank
-            metrics["diverged"] = f"the weights became NaN or infinite in epoch {epoch + 1}"
+        reason = self._divergence(epoch, train_sum, totals)
+        if reason:
+            # no score: a model of NaN weights predicts nothing, which scores the all-empty
+            # baseline and would rank the epoch among the good ones
+            metrics = {k: math.nan if k.startswith("val_") else v for k, v in metrics.items()}
+            metrics["diverged"] = reason
         return metrics
+
+    def _divergence(self, epoch: int, train_sum: float, totals: EpochTotals) -> str:
+        """Why the run cannot go on ('' if it can), the same on every rank: from the all-reduced
+        loss and an all-reduced check of every weight and statistic."""
+        (finite,) = all_reduce_min([float(finite_state(self.training.model))], self.device)
+        if math.isfinite(train_sum) and finite:
+            return ""
+        (first,) = all_reduce_min(
+            [totals.first_nonfinite_batch if totals.first_nonfinite_batch >= 0 else math.inf],
+            self.device,
+        )
+        where = f"epoch {epoch + 1}"
+        if math.isfinite(first):
+            where += f", batch {int(first) + 1} of {self.batches}"
+        what = "training loss" if not math.isfinite(train_sum) else "weights"
+        return f"the {what} became NaN or infinite in {where}"
 
     def _save(self, epoch: int, metrics: dict, samples: list) -> None:
         """Rank 0 writes the checkpoint (none for an epoch whose loss diverged) and logs the
@@ -256,10 +269,11 @@ class Worker:
         )
 
 
-def finite_weights(model: torch.nn.Module) -> bool:
-    """Whether every parameter is finite (one read of the device an epoch)."""
-    flags = torch.stack([torch.isfinite(p).all() for p in model.parameters()])
-    return bool(flags.all())
+def finite_state(model: torch.nn.Module) -> bool:
+    """Whether every weight and statistic (BatchNorm's running means too) is finite: one read
+    of the device an epoch."""
+    values = [v for v in model.state_dict().values() if v.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(v).all() for v in values]).all())
 
 
 def latest_state() -> dict | None:

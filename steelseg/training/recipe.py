@@ -73,7 +73,7 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, floor: float = 0.0
 
 
 def batches_per_epoch(train_images: int, world_size: int, batch_size: int) -> int:
-    """Batches per epoch on every rank (Ray splits the rows equally among the workers)."""
+    """Batches per epoch on every rank (each reads an equal share: pipeline.train_rows)."""
     return math.ceil((train_images // world_size) / batch_size)
 
 
