@@ -17,12 +17,16 @@ A training run, ``<storage>/<name>/``::
                                 decoded in full, and the images that passed
     tensorboard/                the curves and validation figures
 
+A storage folder keeps ``data_checks/<digest>/data_check.json`` too, the last full check of each
+data set its runs used, so that a new run on unchanged data reads image headers only.
+
 A sweep, ``<storage>/<name>/``: ``trials/<trial>/`` is each trial's training run,
 ``results.csv`` the trials sorted by val Dice, ``data_check.json`` the check of the data set its
 trials share, ``best_config.yaml`` the best trial's config and
 ``best_checkpoint.txt`` the path of its best checkpoint.
 """
 
+import hashlib
 import io
 import json
 import math
@@ -51,6 +55,7 @@ RULES_FILE = "postprocess.json"
 HISTORY_FILE = "history.jsonl"
 SPLIT_FILE = "split.parquet"
 DATA_CHECK_FILE = "data_check.json"
+DATA_CHECKS_DIR = "data_checks"  # in a storage folder: the checks its runs share
 TENSORBOARD_DIR = "tensorboard"
 TRIALS_DIR = "trials"
 RESULTS_FILE = "results.csv"
@@ -329,6 +334,13 @@ def read_split(run: Where, which: str | None = None) -> pd.DataFrame:
 
 def has_split(run: Where) -> bool:
     return (locate(run, "run") / SPLIT_FILE).is_file()
+
+
+def data_checks_dir(storage: Where, data: str, modalities: list[str]) -> Location:
+    """Where a storage keeps the check of one data set (its URI or path and modalities) for
+    every run in it: ``<storage>/data_checks/<digest>/``."""
+    key = hashlib.sha1(f"{data}|{','.join(modalities)}".encode()).hexdigest()[:16]
+    return locate(storage, "storage") / DATA_CHECKS_DIR / key
 
 
 def read_data_check(place: Where) -> dict | None:

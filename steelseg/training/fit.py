@@ -80,13 +80,15 @@ def load_split(
 
     The images are decoded in full once: a later start on a data set whose listing is
     unchanged (``catalog.fingerprint``) reads their headers only, and keeps the images the full
-    check passed. The check is recorded in the run's folder, and looked for there and in
-    ``checks`` (a sweep's folder). The split is made by a run's first start and kept by its
+    check passed. The check is recorded in the run's folder and in its storage's
+    ``data_checks/`` (for new runs on the same data), and looked for there and in ``checks``
+    (a sweep's folder). The split is made by a run's first start and kept by its
     resumes (``catalog.keep_split``): images new since then train only, and images that are
     gone are named.
     """
     data, run_dir = data_folder(config), config.run_dir
-    table = checked_table(config, data, inspect, (run_dir, *checks))
+    shared = runs.data_checks_dir(config.storage_path, data.target, config.modalities)
+    table = checked_table(config, data, inspect, (run_dir, shared, *checks))
     if note := catalog.nothing_to_learn(table, data):
         log.warning(note)
     if len(table) < 2 * config.num_workers:
@@ -138,7 +140,8 @@ def checked_table(
     if record is not None:
         return table[table["image_id"].isin(set(record["images"]))].reset_index(drop=True)
     listed = len(catalog.list_images(data / catalog.modality_dir(config.modalities[0])))
-    runs.write_data_check(records[0], fingerprint, list(table["image_id"]), listed - len(table))
+    for place in records[:2]:  # the run's, and its storage's for the runs after it
+        runs.write_data_check(place, fingerprint, list(table["image_id"]), listed - len(table))
     return table
 
 

@@ -283,10 +283,12 @@ def test_the_images_are_decoded_in_full_once_until_the_data_set_changes(data_cop
     assert decoded == [True, False]
     for a, b in zip(first, second):
         pd.testing.assert_frame_equal(a, b)
+    load_split(config.replace(name="another"), inspect=inspect)  # a new run on the same data
+    assert decoded == [True, False, False]
     image = next((data_copy / "train_images").iterdir())
     os.utime(image, ns=(0, 0))  # changed since the check
     load_split(config, inspect=inspect)
-    assert decoded == [True, False, True]
+    assert decoded == [True, False, False, True]
 
 
 def test_a_sweeps_trials_trust_its_check_and_keep_only_the_images_it_passed(data_copy, tmp_path):
