@@ -421,6 +421,14 @@ def test_a_ranks_batches_of_an_epoch_are_the_same_in_every_run(cluster, synth_di
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["mask"], b["mask"])
     assert not all(np.array_equal(a["image"], b["image"]) for a, b in zip(first, other))
+    # each row cropped as its own seed, epoch and place in the table say, whatever its batch:
+    # the first 4 rows read and augmented here, in this process
+    from steelseg.data.augment import augment_batch
+
+    rows = pipeline.train_rows(table, config.seed, 2, rank=1, world=2).iloc[:4]
+    batch = pipeline.read_batch({c: rows[c].to_numpy() for c in rows}, config.modalities)
+    expected = augment_batch({**batch, "sample": rows.index.to_numpy()}, 32, 160, 3, epoch=2)
+    np.testing.assert_array_equal(first[0]["image"], expected["image"])
 
 
 def test_a_data_set_without_a_defect_is_warned_of_before_training(
