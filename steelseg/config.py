@@ -119,6 +119,13 @@ class TrainConfig:
     )
     presence_weight: float = setting(0.5, "weight of the presence head's BCE in the loss", "recipe")
     epochs: int = setting(8, "passes over the training split", "recipe")
+    max_steps: int = setting(
+        0,
+        "stop after this many optimizer steps, or at the end of epochs if that comes first (0: "
+        "no limit): the run validates, checkpoints and calibrates there as at an epoch's end, "
+        "and the schedule spans these steps; the smoke-test and benchmark lever",
+        "recipe",
+    )
     batch_size: int = setting(4, "images per batch on each worker", "recipe")
     grad_accum: int = setting(1, "optimizer step every this many batches", "recipe")
     lr: float = setting(1e-3, "peak learning rate of AdamW", "recipe")
@@ -191,7 +198,7 @@ class TrainConfig:
                 "synth_images",
                 "keep_checkpoints",
             ),
-            0: ("warmup_steps", "max_failures", "log_images"),
+            0: ("warmup_steps", "max_failures", "log_images", "max_steps"),
         }
         for low, names in at_least.items():
             for name in names:

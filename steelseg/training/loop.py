@@ -8,6 +8,7 @@ loss becomes NaN or infinite stops at the end of that epoch, all ranks together 
 all-reduced loss), without a checkpoint, and reports where (``diverged``).
 """
 
+import itertools
 import math
 import os
 import resource
@@ -94,6 +95,8 @@ class Worker:
 
     def run(self) -> None:
         for epoch in range(self.start_epoch, self.config.epochs):
+            if self._steps_left() == 0:  # a resume of a run that reached --max-steps
+                break
             started = time.perf_counter()
             totals, data_wait = self._train_epoch(epoch)
             validating = time.perf_counter()
@@ -105,10 +108,16 @@ class Worker:
             }
             metrics = self._epoch_metrics(epoch, totals, [val_sum, val_n], counts, times)
             self._save(epoch, metrics, samples)
-            if "diverged" in metrics:
+            if "diverged" in metrics or self._steps_left() == 0:
                 break
         if self.log:
             self.log.close()
+
+    def _steps_left(self) -> int | None:
+        """Optimizer steps left before ``max_steps`` (None: no limit)."""
+        if not self.config.max_steps:
+            return None
+        return max(0, self.config.max_steps - self.training.optimizer_steps)
 
     def _batches(self, dataset: ray.data.Dataset | None) -> Iterable:
         if dataset is None:
@@ -120,7 +129,11 @@ class Worker:
         """The epoch's totals and the seconds spent waiting for batches."""
         config, training = self.config, self.training
         rows = pipeline.train_rows(self.train_table, config.seed, epoch, self.rank, self.world)
-        batches = Waited(self._batches(pipeline.train_dataset(rows, config, epoch)))
+        batches: Iterable = self._batches(pipeline.train_dataset(rows, config, epoch))
+        left = self._steps_left()
+        if left is not None:  # every rank stops at the same batch: they step together
+            batches = itertools.islice(batches, left * config.grad_accum)
+        waited = Waited(batches)
         first_step, first_schedule_step = training.global_step, training.scheduler.last_epoch
 
         def on_step(i: int, loss: torch.Tensor, n: int) -> None:
@@ -131,7 +144,7 @@ class Worker:
 
         totals = train_one_epoch(
             self.model,
-            batches,
+            waited,
             self.loss_fn,
             training.optimizer,
             training.scheduler,
@@ -143,7 +156,7 @@ class Worker:
         )
         training.global_step += -(-totals.images // config.batch_size)
         training.optimizer_steps += training.scheduler.last_epoch - first_schedule_step
-        return totals, batches.seconds
+        return totals, waited.seconds
 
     def _validate_epoch(self) -> tuple[float, int, DiceCounts, list]:
         """Every validation image once over the ranks, each rank with rank 0's model: the

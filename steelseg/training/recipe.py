@@ -114,6 +114,13 @@ class Training:
     optimizer_steps: int = 0
 
 
+def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    """The optimizer steps of the whole run: ``config.epochs`` of ``steps_per_epoch``, or
+    ``config.max_steps`` if that is fewer."""
+    steps = steps_per_epoch * config.epochs
+    return min(steps, config.max_steps) if config.max_steps else steps
+
+
 def build_training(
     config: TrainConfig,
     device: torch.device,
@@ -124,8 +131,8 @@ def build_training(
     state: dict | None = None,
 ) -> Training:
     """The config's model on ``device`` (channels_last if asked, SyncBatchNorm with
-    ``config.sync_bn`` on more than one rank), AdamW and the schedule over ``config.epochs`` of
-    ``steps_per_epoch``; restored from a checkpoint's ``state`` (``runs.read_state``) if given.
+    ``config.sync_bn`` on more than one rank), AdamW and the schedule over ``total_steps``;
+    restored from a checkpoint's ``state`` (``runs.read_state``) if given.
 
     The model is on its device before the optimizer exists: ``Optimizer.load_state_dict``
     puts each state tensor on its parameter's device when it loads, so a state loaded while
@@ -138,7 +145,7 @@ def build_training(
     if config.sync_bn and world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(config, model)
-    scheduler = build_scheduler(config, optimizer, steps_per_epoch * config.epochs)
+    scheduler = build_scheduler(config, optimizer, total_steps(config, steps_per_epoch))
     training = Training(model, optimizer, scheduler)
     if state is not None:
         restore(training, state, steps_per_epoch)

@@ -1,6 +1,7 @@
 """A second, small Ray Train run on the test cluster, after the shared one, with the options the
 shared run leaves out: two imaging modalities (early fusion), the presence head, gradient
-accumulation and synchronous checkpoint upload; then calibrate with flip TTA and predict with a
+accumulation, synchronous checkpoint upload and ``--max-steps`` (it ends the run within its first
+epoch); then calibrate with flip TTA and predict with a
 plain threshold, the extra modality read from the sibling folder. Also ``steelseg tensorboard``
 serving the shared run from the bucket, and a calibration that fails."""
 
@@ -20,7 +21,7 @@ from steelseg.data import synth
 from steelseg.model.presence import PresenceGate
 from steelseg.storage import locate
 
-IMAGES, VAL_FRACTION, BATCH = 24, 0.25, 2
+IMAGES, VAL_FRACTION, BATCH, MAX_STEPS = 24, 0.25, 2, 3
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +38,27 @@ def features_run(trained_run, fused_data, tmp_path_factory):
     storage = tmp_path_factory.mktemp("features")
     argv = ["train", "--data", str(fused_data), "--storage", str(storage), "--name", "fused",
             "--modalities", "visible,ir", "--presence-head", "--grad-accum", "2",
-            "--checkpoint-upload", "sync", "--epochs", "1", "--batch-size", str(BATCH),
+            "--checkpoint-upload", "sync", "--epochs", "2", "--max-steps", str(MAX_STEPS),
+            "--batch-size", str(BATCH),
             "--num-workers", "1", "--val-fraction", str(VAL_FRACTION), "--warmup-steps", "2",
             "--log-images", "0", "--no-calibrate"]  # fmt: skip
     assert steelseg(argv) == 0
     return locate(storage / "fused", "run")
 
 
-def test_a_fused_run_with_the_presence_head_accumulates_gradients(features_run):
+def test_a_fused_run_with_the_presence_head_accumulates_gradients_up_to_max_steps(features_run):
     history = runs.read_history(features_run)
     train_images = len(runs.read_split(features_run, "train"))  # 19 of 24: stratified
-    assert history["train_images"].tolist() == [train_images]
-    # 19 training images, batches of 2: 10 batches, a step every 2
-    assert history["optimizer_steps"].tolist() == [math.ceil(math.ceil(train_images / BATCH) / 2)]
+    # 19 training images, batches of 2: 10 batches, a step every 2, 5 steps an epoch; the run
+    # stops after 3, in its first epoch of 2: 6 batches, then validation and a checkpoint
+    assert math.ceil(math.ceil(train_images / BATCH) / 2) > MAX_STEPS
+    assert history["epoch"].tolist() == [1]
+    assert history["optimizer_steps"].tolist() == [MAX_STEPS]
+    assert history["train_images"].tolist() == [MAX_STEPS * 2 * BATCH]
+    assert history["val_images"].tolist() == [IMAGES - train_images]
+    # the schedule spans the 3 steps (not 2 epochs' 10): it ends at its floor, 1% of the peak
+    assert history["lr"].iloc[-1] == pytest.approx(0.01 * 1e-3)
+    assert list(runs.kept_checkpoints(features_run)) == [1]
     model, config, _ = runs.load_checkpoint(runs.resolve_checkpoint(features_run))
     assert isinstance(model, PresenceGate) and config.modalities == ["visible", "ir"]
     assert model.net.encoder.conv1.in_channels == 4  # RGB and the ir channel

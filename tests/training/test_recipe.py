@@ -143,3 +143,20 @@ def test_the_gpu_check_runs_every_phase_on_the_cpu_without_ray():
     assert "optimizer state on cpu" in done.stdout
     assert done.stdout.strip().endswith("gpu_check: all phases ok")
     assert np.isfinite(float(done.stdout.split("loss ")[1].split()[0]))
+
+
+@pytest.mark.parametrize(("max_steps", "total"), [(0, 30), (7, 7), (100, 30)])
+def test_the_schedule_spans_max_steps_when_they_end_the_run_first(max_steps, total):
+    config = TrainConfig(epochs=3, max_steps=max_steps, warmup_steps=2)
+    assert recipe.total_steps(config, steps_per_epoch=10) == total
+    training = recipe.build_training(config, torch.device("cpu"), steps_per_epoch=10)
+    for _ in range(total):
+        training.optimizer.step()
+        training.scheduler.step()
+    # at the end of the run the learning rate is at the schedule's floor, 1% of the peak
+    assert training.scheduler.get_last_lr()[0] == pytest.approx(0.01 * config.lr)
+
+
+def test_max_steps_below_zero_is_a_config_error():
+    with pytest.raises(SteelsegError, match="config max_steps must be >= 0, got -1"):
+        TrainConfig(max_steps=-1)
