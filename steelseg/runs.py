@@ -354,10 +354,13 @@ def read_data_check(place: Where) -> dict | None:
         return None
 
 
-def write_data_check(place: Where, fingerprint: str, images: list[str], dropped: int) -> None:
+def write_data_check(
+    place: Where, fingerprint: str, images: list[str], dropped: int, grey: bool = False
+) -> None:
     """Record that the data set whose listing has ``fingerprint`` was decoded in full, that
-    ``images`` passed and ``dropped`` did not (``--drop-bad``)."""
-    record = {"fingerprint": fingerprint, "images": list(images), "dropped": dropped}
+    ``images`` passed and ``dropped`` did not (``--drop-bad``), and whether every visible image
+    that passed is grey (equal channels)."""
+    record = {"fingerprint": fingerprint, "images": list(images), "dropped": dropped, "grey": grey}
     (locate(place, "run") / DATA_CHECK_FILE).write_text(json.dumps(record))
 
 

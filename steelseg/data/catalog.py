@@ -25,7 +25,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from steelseg.data import rle
-from steelseg.data.images import open_image
+from steelseg.data.images import is_grey, open_image
 from steelseg.domain import (
     CLASS_IDS,
     CURRENT_HEADER,
@@ -144,6 +144,7 @@ class ImageInfo:
     width: int = 0
     channels: int = 0
     error: str = ""
+    grey: bool = False  # decoded, and its channels are equal
 
 
 HEADER_BYTES = 64 * 1024  # holds a JPEG's size marker unless the file has large metadata
@@ -151,8 +152,9 @@ HEADER_BYTES = 64 * 1024  # holds a JPEG's size marker unless the file has large
 
 def inspect_image(path: str, *, decode: bool = True) -> ImageInfo:
     """Size and channel count of an image (a local path or a bucket URI); with ``decode`` the
-    pixels are read too, which is what finds a truncated JPEG. Without it, an image in a bucket
-    costs one ranged read of its first bytes."""
+    pixels are read too, which is what finds a truncated JPEG, and whether its channels are
+    equal (``grey``). Without it, an image in a bucket costs one ranged read of its first
+    bytes."""
     head = None if decode or not is_uri(path) else HEADER_BYTES
     try:
         try:
@@ -162,9 +164,11 @@ def inspect_image(path: str, *, decode: bool = True) -> ImageInfo:
                 raise
             im = open_image(path)  # the size marker lies beyond the first bytes
         with im:
+            grey = False
             if decode:
                 im.load()
-            return ImageInfo(im.height, im.width, len(im.getbands()))
+                grey = is_grey(np.asarray(im))
+            return ImageInfo(im.height, im.width, len(im.getbands()), grey=grey)
     except (OSError, SyntaxError, ValueError) as e:
         return ImageInfo(error=f"unreadable image ({e})")
     except SteelsegError as e:  # from the store: a missing object, no access
@@ -192,6 +196,7 @@ def _check_images(
     infos = inspect(list(images["path"]), decode)
     images["height"] = [i.height for i in infos]
     images["width"] = [i.width for i in infos]
+    images["grey"] = [i.grey for i in infos]
     readable = [(i.height, i.width) for i in infos if not i.error]
     if expected_size is None and readable:
         expected_size = Counter(readable).most_common(1)[0][0]
@@ -258,7 +263,8 @@ def scan(
 
     Returns:
         The table (a row per image in the first modality's folder, defect-free ones included,
-        columns ``image_id, path, path_<m>..., height, width, rle_1..rle_4, has_1..has_4``)
+        columns ``image_id, path, path_<m>..., height, width, grey, rle_1..rle_4,
+        has_1..has_4``; ``grey``: decoded, with equal channels)
         and the list of problems, empty for a clean data set.
 
     Raises:

@@ -34,12 +34,15 @@ BLOCK_PIXELS = 2**24
 MIN_ROWS_PER_BLOCK, MAX_ROWS_PER_BLOCK = 8, 256
 
 
-def read_batch(batch: dict[str, np.ndarray], modalities: list[str]) -> dict[str, np.ndarray]:
-    """Catalog rows -> uint8 ``image`` (B, H, W, C) and ``mask`` (B, H, W) class bits."""
+def read_batch(
+    batch: dict[str, np.ndarray], modalities: list[str], grey: bool = False
+) -> dict[str, np.ndarray]:
+    """Catalog rows -> uint8 ``image`` (B, H, W, C) and ``mask`` (B, H, W) class bits; with
+    ``grey`` the visible image is one channel (``images.read_stack``)."""
     columns = path_columns(modalities)
     images, masks = [], []
     for i, image_id in enumerate(batch["image_id"]):
-        image = read_stack([batch[c][i] for c in columns])
+        image = read_stack([batch[c][i] for c in columns], grey)
         height, width = image.shape[:2]
         strings = [batch[c][i] for c in RLE_COLUMNS]
         images.append(image)
@@ -109,11 +112,15 @@ def ordered_context() -> None:
     context.enable_progress_bars = False
 
 
-def train_dataset(rows: pd.DataFrame, config: TrainConfig, epoch: int) -> ray.data.Dataset:
-    """A rank's training batches of ``epoch`` from its ``train_rows``: read, then augmented."""
+def train_dataset(
+    rows: pd.DataFrame, config: TrainConfig, epoch: int, grey: bool = False
+) -> ray.data.Dataset:
+    """A rank's training batches of ``epoch`` from its ``train_rows``: read (``read_batch``),
+    then augmented."""
+    read = {"modalities": config.modalities, "grey": grey}
     return (
         _from_table(rows, config.modalities)
-        .map_batches(read_batch, fn_kwargs={"modalities": config.modalities}, batch_size=8)
+        .map_batches(read_batch, fn_kwargs=read, batch_size=8)
         .map_batches(
             augment_batch,
             fn_kwargs={
@@ -128,10 +135,11 @@ def train_dataset(rows: pd.DataFrame, config: TrainConfig, epoch: int) -> ray.da
     )
 
 
-def val_dataset(rows: pd.DataFrame, config: TrainConfig) -> ray.data.Dataset:
+def val_dataset(rows: pd.DataFrame, config: TrainConfig, grey: bool = False) -> ray.data.Dataset:
     """A rank's validation batches from its ``val_rows``: whole images, nothing random."""
+    read = {"modalities": config.modalities, "grey": grey}
     return (
         _from_table(rows, config.modalities)
-        .map_batches(read_batch, fn_kwargs={"modalities": config.modalities}, batch_size=8)
+        .map_batches(read_batch, fn_kwargs=read, batch_size=8)
         .drop_columns(["image_id", "sample"])
     )

@@ -65,10 +65,18 @@ def normalisation(channels: int, device: torch.device) -> tuple[torch.Tensor, to
 
 
 def to_inputs(
-    batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool = False
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    channels_last: bool = False,
+    grey: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 batch -> normalised float images (B, C, H, W) and targets (B, 4, H, W)."""
-    image = batch["image"].to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    """uint8 batch -> normalised float images (B, C, H, W) and targets (B, 4, H, W). With
+    ``grey`` the batch's first channel is a grey visible image (``images.read_stack``): it
+    becomes the model's three visible channels here, on the device."""
+    image = batch["image"].to(device, non_blocking=True).permute(0, 3, 1, 2)
+    if grey:
+        image = torch.cat([image[:, :1].expand(-1, 3, -1, -1), image[:, 1:]], dim=1)
+    image = image.float().div_(255)
     mean, std = normalisation(image.shape[1], device)
     image = (image - mean) / std
     # The permuted batch is channels_last in memory; the model must get the layout of its

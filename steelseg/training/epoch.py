@@ -35,6 +35,7 @@ def train_one_epoch(
     channels_last: bool | None = None,
     grad_accum: int = 1,
     on_step: Callable[[int, torch.Tensor, int], None] | None = None,
+    grey: bool = False,
 ) -> EpochTotals:
     """One pass over ``batches``.
 
@@ -45,7 +46,8 @@ def train_one_epoch(
     every ``grad_accum`` batches and once more at the end for a remainder, whose gradient is the
     mean over its own batches; a DDP model (one with ``no_sync``) all-reduces gradients only
     for the batch before a step. ``channels_last`` (the model's layout; default:
-    ``prefers_channels_last``) is the layout the inputs are given in.
+    ``prefers_channels_last``) is the layout the inputs are given in; ``grey``: the batches'
+    visible images are one grey channel (``inputs.to_inputs``).
     """
     model.train()
     if channels_last is None:
@@ -54,7 +56,7 @@ def train_one_epoch(
     total, seen, pending = torch.zeros((), dtype=torch.float64, device=device), 0, 0
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     for i, (batch, last) in enumerate(_with_last(batches)):
-        x, y = to_inputs(batch, device, channels_last=channels_last)
+        x, y = to_inputs(batch, device, channels_last=channels_last, grey=grey)
         steps = last or pending + 1 == grad_accum
         # every rank has as many batches, so all skip the same all-reduces
         with nullcontext() if steps or not hasattr(model, "no_sync") else model.no_sync():
@@ -123,16 +125,17 @@ def validate_one_epoch(
     amp: bool = False,
     channels_last: bool | None = None,
     keep: int = 0,
+    grey: bool = False,
 ) -> tuple[float, int, DiceCounts, list[tuple[torch.Tensor, ...]]]:
     """Loss sum, images, Dice counts (not yet all-reduced) and up to ``keep`` (image, truth,
-    prediction) samples for figures."""
+    prediction) samples for figures; ``grey`` as for ``train_one_epoch``."""
     model.eval()
     if channels_last is None:
         channels_last = prefers_channels_last(device, amp)
     counts = DiceCounts(N_CLASSES, device)
     total, seen, samples = torch.zeros((), device=device), 0, []
     for batch in batches:
-        x, y = to_inputs(batch, device, channels_last=channels_last)
+        x, y = to_inputs(batch, device, channels_last=channels_last, grey=grey)
         with autocast(device, amp):
             logits = forward_padded(model, x)
         total += loss_fn(logits, y).float() * x.shape[0]

@@ -117,7 +117,9 @@ def checked_table(
 ) -> pd.DataFrame:
     """``catalog.load`` of the data set: decoded in full unless one of ``records`` (run or
     sweep folders) holds a check of this very listing, which is then trusted (headers only,
-    and the images that check kept); a full check is recorded in ``records[0]``."""
+    the images that check kept, and whether they are grey); a full check is recorded in
+    ``records[0]`` and ``records[1]``. The table's ``grey`` column is the data set's: True on
+    every row when every image is grey."""
     fingerprint = catalog.fingerprint(data, config.modalities)
     found = (runs.read_data_check(place) for place in records)
     # a check that dropped images stands only for runs that drop them too
@@ -138,10 +140,16 @@ def checked_table(
         inspect=inspect,
     )
     if record is not None:
-        return table[table["image_id"].isin(set(record["images"]))].reset_index(drop=True)
+        table = table[table["image_id"].isin(set(record["images"]))].reset_index(drop=True)
+        table["grey"] = bool(record.get("grey", False))  # a record before it: not known grey
+        return table
+    grey = bool(len(table)) and bool(table["grey"].all())
+    table["grey"] = grey
     listed = len(catalog.list_images(data / catalog.modality_dir(config.modalities[0])))
     for place in records[:2]:  # the run's, and its storage's for the runs after it
-        runs.write_data_check(place, fingerprint, list(table["image_id"]), listed - len(table))
+        runs.write_data_check(
+            place, fingerprint, list(table["image_id"]), listed - len(table), grey
+        )
     return table
 
 
@@ -309,6 +317,8 @@ def build_trainer(
             "config": config.to_dict(),
             "train_table": pipeline_columns(train_table, config),
             "val_table": pipeline_columns(val_table, config),
+            # the visible images are read as one grey channel (``images.read_stack``)
+            "grey": bool(train_table["grey"].all()) if "grey" in train_table else False,
             "progress": relay.queue if relay else None,
         },
         scaling_config=ScalingConfig(

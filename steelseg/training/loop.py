@@ -50,7 +50,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     ``loop_config``: ``config`` (a ``TrainConfig`` as a dict), ``train_table`` and
     ``val_table`` (the split's catalog rows; the training rows oversampled as an epoch sees
-    them) and ``progress``, the driver's queue or None.
+    them), ``grey`` (read the visible images as one channel) and ``progress``, the driver's
+    queue or None.
     """
     Worker(loop_config).run()
 
@@ -63,6 +64,7 @@ class Worker:
         # located once: for a bucket, each lookup builds a filesystem (and may resolve a region)
         self.run_dir = config.run_dir
         self.train_table, self.val_table = loop_config["train_table"], loop_config["val_table"]
+        self.grey = loop_config.get("grey", False)
         context = ray.train.get_context()
         # this attempt's: an elastic run may restart with fewer or more workers
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
@@ -129,7 +131,8 @@ class Worker:
         """The epoch's totals and the seconds spent waiting for batches."""
         config, training = self.config, self.training
         rows = pipeline.train_rows(self.train_table, config.seed, epoch, self.rank, self.world)
-        batches: Iterable = self._batches(pipeline.train_dataset(rows, config, epoch))
+        dataset = pipeline.train_dataset(rows, config, epoch, grey=self.grey)
+        batches: Iterable = self._batches(dataset)
         left = self._steps_left()
         if left is not None:  # every rank stops at the same batch: they step together
             batches = itertools.islice(batches, left * config.grad_accum)
@@ -153,6 +156,7 @@ class Worker:
             channels_last=self.channels_last,
             grad_accum=config.grad_accum,
             on_step=on_step,
+            grey=self.grey,
         )
         training.global_step += -(-totals.images // config.batch_size)
         training.optimizer_steps += training.scheduler.last_epoch - first_schedule_step
@@ -166,7 +170,7 @@ class Worker:
         model = self.training.model
         broadcast_buffers(model)
         rows = pipeline.val_rows(self.val_table, self.rank, self.world)
-        dataset = pipeline.val_dataset(rows, self.config) if len(rows) else None
+        dataset = pipeline.val_dataset(rows, self.config, self.grey) if len(rows) else None
         return validate_one_epoch(
             model,
             self._batches(dataset),
@@ -176,6 +180,7 @@ class Worker:
             amp=self.amp,
             channels_last=self.channels_last,
             keep=self.config.log_images if self.rank == 0 else 0,
+            grey=self.grey,
         )
 
     def _epoch_metrics(

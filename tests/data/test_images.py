@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -39,3 +41,41 @@ def test_catalog_reports_a_missing_modality_file(fused_dir, tmp_path):
     assert [str(p) for p in problems] == [f"train_images_ir/{victim.name}: missing (modality 'ir')"]
     with pytest.raises(SteelsegError, match="no such folder for modality 'uv'"):
         catalog.scan(copy, modalities=["visible", "uv"])
+
+
+REAL = Path(__file__).parents[1] / "real"
+
+
+def test_real_severstal_images_are_found_grey_and_read_as_their_one_channel_exactly():
+    table = catalog.load(REAL)
+    assert table["grey"].tolist() == [True] * len(table)
+    for path in table["path"]:
+        rgb, grey = read_stack([path]), read_stack([path], grey=True)
+        assert rgb.shape == (256, 1600, 3) and grey.shape == (256, 1600, 1)
+        np.testing.assert_array_equal(grey[:, :, 0], rgb[:, :, 0])  # the luma is every channel
+
+
+def test_grey_fused_stack_keeps_its_extra_channels(fused_dir):
+    table, _ = catalog.scan(fused_dir, modalities=["visible", "ir"])
+    row = table.iloc[0]
+    rgb = read_stack([row["path"], row["path_ir"]])
+    grey = read_stack([row["path"], row["path_ir"]], grey=True)
+    assert grey.shape == (32, 160, 2)
+    np.testing.assert_array_equal(grey, rgb[:, :, [0, 3]])
+
+
+def test_a_colour_image_is_not_grey_and_a_header_only_check_finds_nothing_grey(tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    copy = shutil.copytree(REAL, tmp_path / "data")
+    victim = sorted((copy / "train_images").iterdir())[0]
+    pixels = np.asarray(Image.open(victim).convert("RGB")).copy()
+    pixels[:8, :8, 0] = 255  # a red corner
+    Image.fromarray(pixels).save(victim, quality=95)
+    table = catalog.load(copy)
+    assert dict(zip(table["image_id"], table["grey"])) == {
+        victim.name: False, **{p.name: True for p in (copy / "train_images").iterdir()
+                               if p != victim}}  # fmt: skip
+    assert not catalog.load(copy, decode_images=False)["grey"].any()

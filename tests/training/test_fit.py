@@ -283,12 +283,23 @@ def test_the_images_are_decoded_in_full_once_until_the_data_set_changes(data_cop
     assert decoded == [True, False]
     for a, b in zip(first, second):
         pd.testing.assert_frame_equal(a, b)
+    assert first[0]["grey"].all()  # synthetic images are grey stored as RGB, as Severstal's
     load_split(config.replace(name="another"), inspect=inspect)  # a new run on the same data
     assert decoded == [True, False, False]
     image = next((data_copy / "train_images").iterdir())
     os.utime(image, ns=(0, 0))  # changed since the check
     load_split(config, inspect=inspect)
     assert decoded == [True, False, False, True]
+    # a colour image makes the data set colour: its images keep their three channels
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(image).convert("RGB")).copy()
+    pixels[:4, :4] = (255, 0, 0)
+    Image.fromarray(pixels).save(image, format="JPEG", quality=95)
+    train, val = load_split(config, inspect=inspect)
+    assert decoded[-1] is True and not train["grey"].any() and not val["grey"].any()
+    train, _ = load_split(config, inspect=inspect)  # the record says so too
+    assert decoded[-1] is False and not train["grey"].any()
 
 
 def test_a_sweeps_trials_trust_its_check_and_keep_only_the_images_it_passed(data_copy, tmp_path):
