@@ -54,15 +54,19 @@ def augment_batch(
     epoch: int = 0,
 ) -> dict[str, np.ndarray]:
     """Crop, flips and brightness/contrast of ``image`` (B, H, W, C) and ``mask`` (B, H, W),
-    each row seeded by ``sample_seed`` (``sample``: the rows' places in the training table;
-    their order in the batch without it)."""
+    each row seeded by ``sample_seed`` (``sample``: the rows' places in the training table,
+    passed on, so that a consumer can tell which rows it was given; their order in the batch
+    without it)."""
     compose = augmentation(crop_height, crop_width, defect_crops)
     samples = batch.get("sample", range(len(batch["image"])))
     out = []
     for image, mask, sample in zip(batch["image"], batch["mask"], samples):
         compose.set_random_seed(sample_seed(seed, epoch, int(sample)))
         out.append(compose(image=image, mask=mask))
-    return {
+    augmented = {
         "image": np.stack([o["image"] for o in out]),
         "mask": np.stack([o["mask"] for o in out]),
     }
+    if "sample" in batch:
+        augmented["sample"] = np.asarray(batch["sample"])
+    return augmented

@@ -406,7 +406,8 @@ def test_a_run_whose_worker_fails_ends_in_one_line_naming_the_workers_error(
 
 def test_a_ranks_batches_of_an_epoch_are_the_same_in_every_run(cluster, synth_dir):
     """Ray Data on the test cluster, twice for the same rank and epoch (as a resumed run reads
-    it): the same images in the same order with the same crops; another epoch differs."""
+    it): the same images in the same order with the same crops; another epoch differs; the
+    two ranks together read every image exactly once an epoch."""
     import ray.data
 
     from steelseg.config import TrainConfig
@@ -419,15 +420,18 @@ def test_a_ranks_batches_of_an_epoch_are_the_same_in_every_run(cluster, synth_di
     try:
         pipeline.ordered_context()
 
-        def read(epoch):
-            rows = pipeline.train_rows(table, config.seed, epoch, rank=1, world=2)
+        def read(epoch, rank=1):
+            rows = pipeline.train_rows(table, config.seed, epoch, rank=rank, world=2)
             dataset = pipeline.train_dataset(rows, config, epoch)
             return list(dataset.iter_batches(batch_size=4))
 
         first, again, other = read(2), read(2), read(3)
+        rank_0 = read(2, rank=0)
     finally:
         context.execution_options.preserve_order, context.enable_progress_bars = kept
     assert sum(len(b["image"]) for b in first) == 30  # half of 60
+    seen = np.concatenate([b["sample"] for b in first + rank_0])
+    assert sorted(seen.tolist()) == list(range(60))  # every row of the table, once
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["mask"], b["mask"])
