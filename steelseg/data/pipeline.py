@@ -111,11 +111,13 @@ def ordered_context() -> None:
 
 def train_dataset(rows: pd.DataFrame, config: TrainConfig, epoch: int) -> ray.data.Dataset:
     """A rank's training batches of ``epoch`` from its ``train_rows``: read, then augmented."""
+    # the ignores: Ray's map_batches annotation wants a function of the batch alone, leaving out
+    # fn_kwargs
     return (
         _from_table(rows, config.modalities)
-        .map_batches(read_batch, fn_kwargs={"modalities": config.modalities}, batch_size=8)
+        .map_batches(read_batch, fn_kwargs={"modalities": config.modalities}, batch_size=8)  # type: ignore[arg-type]
         .map_batches(
-            augment_batch,
+            augment_batch,  # type: ignore[arg-type]
             fn_kwargs={
                 "crop_height": config.crop_height,
                 "crop_width": config.crop_width,
@@ -132,6 +134,6 @@ def val_dataset(rows: pd.DataFrame, config: TrainConfig) -> ray.data.Dataset:
     """A rank's validation batches from its ``val_rows``: whole images, nothing random."""
     return (
         _from_table(rows, config.modalities)
-        .map_batches(read_batch, fn_kwargs={"modalities": config.modalities}, batch_size=8)
+        .map_batches(read_batch, fn_kwargs={"modalities": config.modalities}, batch_size=8)  # type: ignore[arg-type]
         .drop_columns(["image_id", "sample"])
     )
