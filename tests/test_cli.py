@@ -66,6 +66,34 @@ def test_help_lists_every_command_and_the_ray_jobs_run_the_same_ones(capsys):
     assert capsys.readouterr().out.startswith("usage: steelseg predict")
 
 
+def test_version_is_the_packages(capsys):
+    from importlib.metadata import version
+
+    import steelseg
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"steelseg {steelseg.__version__}\n"
+    assert version("steelseg") == steelseg.__version__  # pyproject.toml reads __version__
+
+
+def test_python_dash_m_steelseg_is_the_steelseg_command():
+    import subprocess
+    import sys
+
+    import steelseg
+
+    ran = subprocess.run(
+        [sys.executable, "-m", "steelseg", "--version"], capture_output=True, text=True, check=False
+    )
+    assert (ran.returncode, ran.stdout) == (0, f"steelseg {steelseg.__version__}\n")
+    ran = subprocess.run(
+        [sys.executable, "-m", "steelseg", "validate"], capture_output=True, text=True, check=False
+    )
+    assert ran.returncode == 2 and "usage: steelseg validate" in ran.stderr
+
+
 def test_unknown_subcommand_exits_nonzero():
     with pytest.raises(SystemExit) as info:
         main(["frobnicate"])
