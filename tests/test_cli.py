@@ -172,11 +172,11 @@ def test_missing_bucket_or_run_and_credentials_in_a_uri_are_one_line_errors(s3, 
     assert "ftp:// is not supported" in capsys.readouterr().err
 
 
-def test_the_readmes_python_api_imports_work():
+def test_the_api_pages_imports_work():
     from pathlib import Path
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    block = readme.split("## Code and Python API", 1)[1].split("```python", 1)[1].split("```")[0]
+    page = (Path(__file__).parents[1] / "docs" / "api.md").read_text()
+    block = page.split("```python", 1)[1].split("```")[0]
     imports = [line for line in block.splitlines() if line.startswith(("from ", "import "))]
     assert len(imports) >= 2
     namespace: dict = {}
