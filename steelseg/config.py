@@ -126,7 +126,7 @@ class TrainConfig:
     warmup_steps: int = setting(
         50, "optimizer steps of linear warm-up before the cosine decay", "recipe"
     )
-    # 1:1 collapsed to "no defect" from random weights at 64x320; see the README's recipe table
+    # 1:1 collapsed to "no defect" from random weights at 64x320 (docs/quality.md, the recipe table)
     bce_weight: float = setting(0.75, "weight of BCE in the loss", "recipe")
     dice_weight: float = setting(0.25, "weight of (1 - soft Dice) in the loss", "recipe")
     dice_over: str = setting(
