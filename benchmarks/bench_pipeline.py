@@ -39,10 +39,12 @@ from steelseg.data import augment, catalog, pipeline, rle, synth
 from steelseg.data.images import path_columns, read_stack
 from steelseg.domain import RLE_COLUMNS
 
-# crops as the README's recipe trains at each size: whole small images, 256x800 of the real size
+# crops as the recipe (docs/training.md) trains at each size: whole small images, 256x800 of the
+# real size
 CROPS = {(256, 1600): (256, 800)}
-# H100, bf16 + channels_last, batch 8 (README, Benchmarks): 138 images/s on whole 256x1600
-# images; a 256x800 crop is half the pixels and the step is linear in them, so about 2 x 138
+# H100, bf16 + channels_last, batch 8 (docs/performance.md, Training step): 138 images/s on
+# whole 256x1600 images; a 256x800 crop is half the pixels and the step is linear in them, so
+# about 2 x 138
 GPU_STEP_IMAGES_PER_S = {"256x1600": 138.0, "256x800": 276.0}
 
 
@@ -247,8 +249,8 @@ def targets(results: list[dict]) -> list[dict]:
 
 def cores_per_gpu(results: list[dict]) -> dict:
     """From the per-process rates at 256x1600 (crop 256x800), the CPU cores that keep up with one
-    GPU's step (the README's H100 figure): with Ray Data, what steelseg runs, and with the
-    DataLoader for reference."""
+    GPU's step (the H100 figure in docs/performance.md): with Ray Data, what steelseg runs, and
+    with the DataLoader for reference."""
     rows = [r for r in results if r["size"].startswith("256x1600")]
     if not rows:
         return {}

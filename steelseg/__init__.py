@@ -24,7 +24,7 @@ _PUBLIC = {
 }
 
 __all__ = ["RLEError", "SteelsegError", *_PUBLIC]
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place: pyproject.toml reads it; CHANGELOG.md says what it holds
 
 
 def __getattr__(name: str):

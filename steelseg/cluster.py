@@ -95,7 +95,10 @@ def stop_as_interrupt():
 def _init(num_cpus: int, verbose: bool) -> str:
     import ray
 
-    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
+    quiet: dict[str, Any] = {
+        "log_to_driver": verbose,
+        "logging_level": logging.INFO if verbose else logging.ERROR,
+    }
     address = os.environ.get("RAY_ADDRESS", "")
     if address and address not in ("auto", "local"):
         gcs = address.split("://", 1)[-1]

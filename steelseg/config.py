@@ -133,7 +133,7 @@ class TrainConfig:
     warmup_steps: int = setting(
         50, "optimizer steps of linear warm-up before the cosine decay", "recipe"
     )
-    # 1:1 collapsed to "no defect" from random weights at 64x320; see the README's recipe table
+    # 1:1 collapsed to "no defect" from random weights at 64x320 (docs/quality.md, the recipe table)
     bce_weight: float = setting(0.75, "weight of BCE in the loss", "recipe")
     dice_weight: float = setting(0.25, "weight of (1 - soft Dice) in the loss", "recipe")
     dice_over: str = setting(
@@ -313,9 +313,9 @@ def _worker_range(values: dict[str, Any], source: str) -> dict[str, Any]:
     workers = values.get("num_workers")
     if not (isinstance(workers, str) and ".." in workers):
         return values
-    low, _, high = workers.partition("..")
+    low_text, _, high_text = workers.partition("..")
     try:
-        low, high = int(low), int(high)
+        low, high = int(low_text), int(high_text)
     except ValueError:
         raise SteelsegError(
             f"{_at(source)}config num_workers must be a number or MIN..MAX, got {workers!r}"
@@ -383,6 +383,7 @@ def coerce(name: str, value: Any, source: str) -> Any:
     if kind is list:
         if not isinstance(value, list | tuple):
             raise SteelsegError(f"{_at(source)}config {name} must be a list, got {value!r}")
+        assert element is not None  # field_type names a list's element type
         return [_scalar(name, v, element, source) for v in value]
     return _scalar(name, value, kind, source)
 
@@ -459,21 +460,21 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """A YAML or JSON mapping of config keys (not yet checked against TrainConfig), from a
     local file or a URI."""
-    path = locate(path, "config file")
-    if not path.is_file():
-        raise SteelsegError(f"{path}: no such config file")
-    suffix = posixpath.splitext(path.name)[1]
+    file = locate(path, "config file")
+    if not file.is_file():
+        raise SteelsegError(f"{file}: no such config file")
+    suffix = posixpath.splitext(file.name)[1]
     try:
-        text = path.read_bytes().decode("utf-8-sig")  # a BOM, as Windows editors write
+        text = file.read_bytes().decode("utf-8-sig")  # a BOM, as Windows editors write
         values = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
     except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
         reason = " ".join(str(e).split())
         kind = suffix.lstrip(".") or "YAML"
-        raise SteelsegError(f"{path}: not valid {kind} ({reason})") from None
+        raise SteelsegError(f"{file}: not valid {kind} ({reason})") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise SteelsegError(
-            f"{path}: expected a mapping of config keys, got {type(values).__name__}"
+            f"{file}: expected a mapping of config keys, got {type(values).__name__}"
         )
     return values

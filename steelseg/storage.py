@@ -200,8 +200,9 @@ class Location:
         return Path(folder)
 
 
-def reason(error: OSError) -> str:
-    """An OSError from pyarrow, on one line and without request ids."""
+def reason(error: Exception) -> str:
+    """An error from pyarrow (an OSError, or a ValueError for a bad option), on one line and
+    without request ids."""
     text = " ".join(str(error).split())
     return text.split(" (Request ID")[0]
 
@@ -228,8 +229,8 @@ def locate(value: "str | os.PathLike | Location", what: str) -> Location:
         return value
     text = str(value)
     if not is_uri(text):
-        path = Path(os.path.expanduser(text)).resolve()
-        return Location(pafs.LocalFileSystem(), str(path), str(path))
+        local = Path(os.path.expanduser(text)).resolve()
+        return Location(pafs.LocalFileSystem(), str(local), str(local))
     check_uri(text, what)
     parts = urlsplit(text)
     query = dict(parse_qsl(parts.query))

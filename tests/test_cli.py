@@ -66,6 +66,34 @@ def test_help_lists_every_command_and_the_ray_jobs_run_the_same_ones(capsys):
     assert capsys.readouterr().out.startswith("usage: steelseg predict")
 
 
+def test_version_is_the_packages(capsys):
+    from importlib.metadata import version
+
+    import steelseg
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"steelseg {steelseg.__version__}\n"
+    assert version("steelseg") == steelseg.__version__  # pyproject.toml reads __version__
+
+
+def test_python_dash_m_steelseg_is_the_steelseg_command():
+    import subprocess
+    import sys
+
+    import steelseg
+
+    ran = subprocess.run(
+        [sys.executable, "-m", "steelseg", "--version"], capture_output=True, text=True, check=False
+    )
+    assert (ran.returncode, ran.stdout) == (0, f"steelseg {steelseg.__version__}\n")
+    ran = subprocess.run(
+        [sys.executable, "-m", "steelseg", "validate"], capture_output=True, text=True, check=False
+    )
+    assert ran.returncode == 2 and "usage: steelseg validate" in ran.stderr
+
+
 def test_unknown_subcommand_exits_nonzero():
     with pytest.raises(SystemExit) as info:
         main(["frobnicate"])
@@ -144,11 +172,11 @@ def test_missing_bucket_or_run_and_credentials_in_a_uri_are_one_line_errors(s3, 
     assert "ftp:// is not supported" in capsys.readouterr().err
 
 
-def test_the_readmes_python_api_imports_work():
+def test_the_api_pages_imports_work():
     from pathlib import Path
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    block = readme.split("## Code and Python API", 1)[1].split("```python", 1)[1].split("```")[0]
+    page = (Path(__file__).parents[1] / "docs" / "api.md").read_text()
+    block = page.split("```python", 1)[1].split("```")[0]
     imports = [line for line in block.splitlines() if line.startswith(("from ", "import "))]
     assert len(imports) >= 2
     namespace: dict = {}
@@ -202,7 +230,7 @@ def test_a_run_barely_above_predicting_nothing_ends_saying_what_it_takes(
         return
     (note,) = notes
     assert note.startswith("note: the best epoch is +0.003 over predicting no defect anywhere")
-    assert "than this run's 768 images (README, Recipe)" in note
+    assert "than this run's 768 images (docs/training.md, Recipes)" in note
     if pretrained:
         assert "the network needs" in note and "random" not in note
         assert "--pretrained" not in note

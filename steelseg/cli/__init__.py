@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from steelseg import __version__
 from steelseg.cli import data, evaluation, inference, training
 from steelseg.cli.command import Command
 from steelseg.errors import SteelsegError
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="steelseg",
         description="Train, tune and use steel-defect segmentation models on Ray.",
     )
+    parser.add_argument("--version", action="version", version=f"steelseg {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         sub = commands.add_parser(

@@ -114,12 +114,12 @@ def submission_samples(table, submission: str, count: int) -> list:
     from steelseg.evaluation import score
     from steelseg.storage import locate
 
-    submission = locate(submission, "submission")
+    csv = locate(submission, "submission")
     listed: set[tuple[str, int]] = set()
-    predicted = score.read_rows(submission, listed)
+    predicted = score.read_rows(csv, listed)
     shown = table[table["image_id"].isin({image for image, _ in listed})]
     if shown.empty:
-        raise SteelsegError(f"{submission}: none of its images is in the data folder")
+        raise SteelsegError(f"{csv}: none of its images is in the data folder")
     defect = shown[HAS_COLUMNS].any(axis=1) | shown["image_id"].isin(predicted)
     shown = pd.concat([shown[defect], shown[~defect]]).head(count)
     samples = []
@@ -128,7 +128,7 @@ def submission_samples(table, submission: str, count: int) -> list:
         name, (height, width) = row["image_id"], image.shape[:2]
         truth = [row[col] or "" for col in RLE_COLUMNS]
         true = rle.decode_classes(truth, height, width, image_id=name)
-        pred = score.rows_to_masks(predicted.get(name, {}), height, width, submission)
+        pred = score.rows_to_masks(predicted.get(name, {}), height, width, csv)
         samples.append((name, image, true, pred))
     return samples
 

@@ -47,7 +47,7 @@ def near_empty_note(history, pretrained: str) -> str | None:
     return (
         f"note: the best epoch is {gain:+.3f} over predicting no defect anywhere, not yet a model "
         f"that finds defects: {start} needs more training than this run's {images:,} images "
-        "(README, Recipe)" + ("" if pretrained else ", or --pretrained imagenet")
+        "(docs/training.md, Recipes)" + ("" if pretrained else ", or --pretrained imagenet")
     )
 
 

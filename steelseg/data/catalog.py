@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -102,7 +103,9 @@ def _read_mask_rows(
             f"{name}: header {','.join(header)!r} is none of "
             + ", ".join(repr(",".join(h)) for h in HEADERS)
         )
-    rows, problems, seen = [], [], {}
+    rows: list[MaskRow] = []
+    problems: list[Problem] = []
+    seen: dict[tuple[str, int], int] = {}  # (image, class) -> the row that gave it
     for fields in reader:
         where = f"{name} row {reader.line_num}"
         if not fields:
@@ -206,6 +209,7 @@ def _check_images(
         if info.error:
             problems.append(Problem(where, info.error, image_id))
         elif (info.height, info.width) != expected_size:
+            assert expected_size is not None  # this image is readable, so a size was found
             h, w = expected_size
             problems.append(
                 Problem(where, f"size {info.height}x{info.width} (HxW), expected {h}x{w}", image_id)
@@ -242,7 +246,7 @@ def list_images(folder: "str | os.PathLike | Location") -> list[str]:
 
 
 def scan(
-    data_dir: str | os.PathLike,
+    data_dir: "str | os.PathLike | Location",
     *,
     modalities: Sequence[str] = ("visible",),
     expected_size: tuple[int, int] | None = None,
@@ -292,7 +296,7 @@ def scan(
         if row.image_id not in known:
             problems.append(_missing_image(row, folded, first))
     rows = [r for r in rows if r.image_id in known]
-    bad_images = {p.image_id for p in image_problems}
+    bad_images = {p.image_id for p in image_problems if p.image_id}
     problems += _check_rle(table, rows, bad_images, "train.csv")
     _add_masks(table, rows)
     return table, problems
@@ -352,7 +356,7 @@ def _add_masks(table: pd.DataFrame, rows: list[MaskRow]) -> None:
 
 
 def load(
-    data_dir: str | os.PathLike,
+    data_dir: "str | os.PathLike | Location",
     *,
     modalities: Sequence[str] = ("visible",),
     drop_bad: bool = False,
@@ -461,11 +465,11 @@ def fingerprint(data_dir: "str | os.PathLike | Location", modalities: Sequence[s
     return digest.hexdigest()
 
 
-def write_table(table: pd.DataFrame, path: str | os.PathLike) -> None:
+def write_table(table: pd.DataFrame, path: str | os.PathLike | BinaryIO) -> None:
     table.to_parquet(path, engine="pyarrow", index=False)
 
 
-def read_table(path: str | os.PathLike) -> pd.DataFrame:
+def read_table(path: str | os.PathLike | BinaryIO) -> pd.DataFrame:
     try:
         return pd.read_parquet(path, engine="pyarrow")
     except (FileNotFoundError, OSError) as e:

@@ -118,11 +118,13 @@ def train_dataset(
     """A rank's training batches of ``epoch`` from its ``train_rows``: read (``read_batch``),
     then augmented."""
     read = {"modalities": config.modalities, "grey": grey}
+    # the ignores: Ray's map_batches annotation wants a function of the batch alone, leaving out
+    # fn_kwargs
     return (
         _from_table(rows, config.modalities)
-        .map_batches(read_batch, fn_kwargs=read, batch_size=8)
+        .map_batches(read_batch, fn_kwargs=read, batch_size=8)  # type: ignore[arg-type]
         .map_batches(
-            augment_batch,
+            augment_batch,  # type: ignore[arg-type]
             fn_kwargs={
                 "crop_height": config.crop_height,
                 "crop_width": config.crop_width,
@@ -140,6 +142,6 @@ def val_dataset(rows: pd.DataFrame, config: TrainConfig, grey: bool = False) -> 
     read = {"modalities": config.modalities, "grey": grey}
     return (
         _from_table(rows, config.modalities)
-        .map_batches(read_batch, fn_kwargs=read, batch_size=8)
+        .map_batches(read_batch, fn_kwargs=read, batch_size=8)  # type: ignore[arg-type]
         .drop_columns(["image_id", "sample"])
     )

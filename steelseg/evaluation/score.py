@@ -34,7 +34,7 @@ def read_rows(
 
 
 def rows_to_masks(
-    rows: dict[int, catalog.MaskRow], height: int, width: int, source: str | Path
+    rows: dict[int, catalog.MaskRow], height: int, width: int, source: "str | Path | Location"
 ) -> np.ndarray:
     """(4, H, W) masks of an image's rows; a bad RLE is an error naming ``source`` and the row."""
     masks = np.zeros((N_CLASSES, height, width), np.uint8)
@@ -56,21 +56,21 @@ def score_submission(truth_csv: str, images_dir: str, submission_csv: str) -> Sc
             images of the folder or (image, class) pairs of them, or names images outside it.
     """
     folder = locate(images_dir, "images")
-    truth_csv, submission_csv = locate(truth_csv, "truth"), locate(submission_csv, "submission")
+    truth, submission = locate(truth_csv, "truth"), locate(submission_csv, "submission")
     names = catalog.list_images(folder)
     if not names:
         raise SteelsegError(f"{folder}: no .jpg images to score")
-    truth = read_rows(truth_csv)
+    true_rows = read_rows(truth)
     listed: set[tuple[str, int]] = set()
-    predicted = read_rows(submission_csv, listed)
-    check_rows(submission_csv, folder, names, listed)
+    predicted = read_rows(submission, listed)
+    check_rows(submission, folder, names, listed)
     counts = DiceCounts()
     infos = catalog.inspect_many([(folder / name).target for name in names], decode=False)
     for name, info in zip(names, infos):
         if info.error:
             raise SteelsegError(f"{folder / name}: {info.error}")
-        true = rows_to_masks(truth.get(name, {}), info.height, info.width, truth_csv)
-        pred = rows_to_masks(predicted.get(name, {}), info.height, info.width, submission_csv)
+        true = rows_to_masks(true_rows.get(name, {}), info.height, info.width, truth)
+        pred = rows_to_masks(predicted.get(name, {}), info.height, info.width, submission)
         counts.update(torch.from_numpy(pred[None]), torch.from_numpy(true[None]))
     return counts.compute()
 

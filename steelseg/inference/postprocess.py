@@ -26,7 +26,7 @@ GATES = (0.0, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 def _is_count(value) -> bool:
     """A whole number >= 0 (a NaN from a JSON file fails every comparison: not one)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,11 +246,14 @@ class Calibration:
         Dice per class with plain threshold 0.5 and calibrated."""
         if not self.stats:
             raise SteelsegError("calibrate: no validation images")
+        assert self.size is not None  # set by the first image
         stats, peaks, true_areas = (np.stack(v) for v in (self.stats, self.peaks, self.true_areas))
         pixels = self.size[0] * self.size[1]
-        rules, before, after = [], [], []
+        rules: list[ClassRule] = []
+        before: list[float] = []
+        after: list[float] = []
         for c in range(N_CLASSES):
-            best = (-1.0, None)
+            best = (-1.0, ClassRule())  # the plain rule, beaten by the grid's first entry
             for (t, threshold), (k, component) in itertools.product(
                 enumerate(THRESHOLDS), enumerate(COMPONENT_FRACTIONS)
             ):

@@ -60,7 +60,7 @@ def probability_tensor(
         device,
         channels_last=inputs.prefers_channels_last(device, amp),
     )
-    total = None
+    total: torch.Tensor | None = None
     for dims in flips(tta):
         view = x.flip(dims) if dims else x
         with inputs.autocast(device, amp):
@@ -68,6 +68,7 @@ def probability_tensor(
         probs = torch.sigmoid(logits.float())
         probs = probs.flip(dims) if dims else probs
         total = probs if total is None else total + probs
+    assert total is not None  # flips() always has the plain view
     return total / len(flips(tta))
 
 
@@ -156,7 +157,7 @@ class Predictor:
 
 def encode_masks(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The CPU stage after the model: each image's class bits -> an RLE string per class."""
-    encoded = {col: [] for col in RLE_COLUMNS}
+    encoded: dict[str, list[str]] = {col: [] for col in RLE_COLUMNS}
     for bits in batch["bits"]:
         for c, col in enumerate(RLE_COLUMNS):
             mask = (bits >> c) & 1
@@ -247,10 +248,12 @@ def predict(
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     blocks = max(1, -(-len(table) // batch_size))
     with without_ray_notes():  # one per actor pool: see steelseg.cluster
+        # the ignores: Ray's map_batches annotation wants a function of any batch format and
+        # nothing else, leaving out fn_kwargs and batch_format
         results = (
             ray.data.from_items(table.to_dict("records"), override_num_blocks=blocks)
             .map_batches(
-                read_images,
+                read_images,  # type: ignore[arg-type]
                 fn_kwargs={"modalities": config.modalities},
                 batch_size=batch_size,
                 num_cpus=LIGHT_STAGE_CPUS,
@@ -268,7 +271,7 @@ def predict(
                 compute=ray.data.ActorPoolStrategy(size=actors),
                 num_gpus=1 if use_gpu else 0,
             )
-            .map_batches(encode_masks, batch_size=batch_size, num_cpus=LIGHT_STAGE_CPUS)
+            .map_batches(encode_masks, batch_size=batch_size, num_cpus=LIGHT_STAGE_CPUS)  # type: ignore[arg-type]
             .to_pandas()
         )
     failed = results[results["error"] != ""]

@@ -21,7 +21,7 @@ def prefers_channels_last(device: torch.device, amp: bool) -> bool:
     """Whether the model and its inputs are kept channels_last on ``device``: on CUDA with bf16
     autocast (tensor cores), and on CPUs with AVX-512, where oneDNN's NHWC convolutions were
     4-21% faster for both networks, training and prediction, while on an AVX2 CPU they were
-    26-28% slower (README, Performance). The only place this is decided."""
+    26-28% slower (docs/performance.md). The only place this is decided."""
     if device.type == "cuda":
         return amp
     return device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX512"
@@ -30,7 +30,7 @@ def prefers_channels_last(device: torch.device, amp: bool) -> bool:
 def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     """The precision ``autocast`` runs the model in on ``device``, None for float32: with
     ``amp``, bf16 on CUDA and on a CPU with bf16 instructions (``cpu_runs_bf16``), where oneDNN
-    trained and predicted faster (README, Performance); elsewhere a CPU emulates bf16, slower
+    trained and predicted faster (docs/performance.md); elsewhere a CPU emulates bf16, slower
     than float32. The only place this is decided; the loss, the metrics' counts and BatchNorm's
     weights and running statistics stay float32 either way."""
     if not amp:

@@ -73,6 +73,8 @@ class DiceBCELoss(nn.Module):
         dice_over: "pair" (per image and class) or "batch" (per class over the batch).
     """
 
+    pos_weight: torch.Tensor | None  # a buffer: it moves with the module to its device
+
     def __init__(
         self,
         bce_weight: float = 1.0,

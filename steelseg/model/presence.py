@@ -9,6 +9,8 @@ returns one tensor of logits whose sigmoid is p(pixel) x p(class present), so va
 calibration and prediction use the gate without knowing it is there.
 """
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,6 +28,13 @@ def gated_logits(pixel_logits: torch.Tensor, presence_logits: torch.Tensor) -> t
     return log_p - torch.log(-torch.expm1(log_p))
 
 
+class FeatureNet(Protocol):
+    """What the gate needs of a network (``UNet``, ``SmpNet``): its logits and deepest
+    features."""
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 class PresenceGate(nn.Module):
     """``net`` (any module with ``forward_with_features(x) -> (logits, deepest)``) and a linear
     presence head on its deepest features.
@@ -40,7 +49,7 @@ class PresenceGate(nn.Module):
         eval: gated logits (N, n_classes, H, W).
     """
 
-    def __init__(self, net: nn.Module, channels: int, n_classes: int):
+    def __init__(self, net: FeatureNet, channels: int, n_classes: int):
         super().__init__()
         self.net = net
         self.presence = nn.Linear(2 * channels, n_classes)

@@ -65,16 +65,16 @@ def _names(keys: list[str], limit: int = 6) -> str:
 def load_encoder_file(model: UNet, path: str | os.PathLike) -> None:
     """Load a torchvision-format resnet18 state_dict file (local or in a bucket) into the
     encoder."""
-    path = locate(path, "pretrained")
-    if not path.is_file():
-        raise SteelsegError(f"{path}: no such weights file")
+    file = locate(path, "pretrained")
+    if not file.is_file():
+        raise SteelsegError(f"{file}: no such weights file")
     try:
-        state = torch.load(path.open_buffer(), map_location="cpu", weights_only=True)
+        state = torch.load(file.open_buffer(), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a file that is not a state_dict
-        raise SteelsegError(f"{path}: cannot read weights ({one_line(e)})") from None
+        raise SteelsegError(f"{file}: cannot read weights ({one_line(e)})") from None
     if not isinstance(state, dict):
-        raise SteelsegError(f"{path}: holds a {type(state).__name__}, not a state_dict")
-    load_encoder_state(model, state, str(path))
+        raise SteelsegError(f"{file}: holds a {type(state).__name__}, not a state_dict")
+    load_encoder_state(model, state, str(file))
 
 
 def load_encoder_imagenet(model: UNet) -> None:

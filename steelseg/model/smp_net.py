@@ -63,4 +63,5 @@ class SmpNet(nn.Module):
         """The head's bias at the log-odds of ``prior``, as ``init_weights`` does for the paper's
         network."""
         head = next(m for m in self.model.segmentation_head.modules() if isinstance(m, nn.Conv2d))
+        assert head.bias is not None  # smp's heads have one; it carries the prior
         nn.init.constant_(head.bias, math.log(prior / (1 - prior)))

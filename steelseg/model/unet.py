@@ -87,6 +87,7 @@ class UNet(nn.Module):
         self.n_classes = n_classes
         self.in_channels = in_channels
         self.encoder = ResNet18Encoder(in_channels)
+        self.deepest_channels = 512  # layer4's, which a presence head reads
 
         self.layer0_1x1 = conv_relu(64, 64, 1)
         self.layer1_1x1 = conv_relu(64, 64, 1)
@@ -161,10 +162,12 @@ def init_weights(model: UNet, head_prior: float = 0.01) -> UNet:
             continue
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(module.bias)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
     e = model.encoder
     for block in (*e.layer1, *e.layer2, *e.layer3, *e.layer4):
         nn.init.zeros_(block.bn2.weight)
     nn.init.normal_(model.conv_last.weight, std=0.01)
+    assert model.conv_last.bias is not None  # the head's bias carries the prior
     nn.init.constant_(model.conv_last.bias, math.log(head_prior / (1 - head_prior)))
     return model

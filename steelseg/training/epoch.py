@@ -59,7 +59,8 @@ def train_one_epoch(
         x, y = to_inputs(batch, device, channels_last=channels_last, grey=grey)
         steps = last or pending + 1 == grad_accum
         # every rank has as many batches, so all skip the same all-reduces
-        with nullcontext() if steps or not hasattr(model, "no_sync") else model.no_sync():
+        no_sync = getattr(model, "no_sync", None)  # DDP's
+        with nullcontext() if steps or no_sync is None else no_sync():
             with autocast(device, amp):
                 logits = forward_padded(model, x)
             loss = loss_fn(logits, y)
@@ -133,7 +134,8 @@ def validate_one_epoch(
     if channels_last is None:
         channels_last = prefers_channels_last(device, amp)
     counts = DiceCounts(N_CLASSES, device)
-    total, seen, samples = torch.zeros((), device=device), 0, []
+    total, seen = torch.zeros((), device=device), 0
+    samples: list[tuple[torch.Tensor, ...]] = []
     for batch in batches:
         x, y = to_inputs(batch, device, channels_last=channels_last, grey=grey)
         with autocast(device, amp):
@@ -144,4 +146,4 @@ def validate_one_epoch(
         counts.update(pred, y.bool())
         for k in range(min(keep - len(samples), x.shape[0])):
             samples.append((batch["image"][k].cpu(), y[k].cpu(), pred[k].cpu()))
-    return total.item(), seen, counts, samples
+    return float(total.item()), seen, counts, samples

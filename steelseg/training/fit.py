@@ -13,7 +13,7 @@ import os
 import posixpath
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,7 +153,7 @@ def checked_table(
     return table
 
 
-def inspect_on_nodes(paths: list[str], decode: bool) -> list[catalog.ImageInfo]:
+def inspect_on_nodes(paths: Sequence[str], decode: bool) -> list[catalog.ImageInfo]:
     """``catalog.inspect_many`` in Ray tasks, so that a bucket's images are read by the nodes,
     not all by this one."""
     import ray
@@ -267,11 +267,12 @@ def failure_reason(error: BaseException) -> str:
         ranks = sorted(failures, key=lambda r: (not _names_ours(failures[r]), r))
         error = failures[ranks[0]]
     error = getattr(error, "controller_failure", error)
-    chain = []
-    while error is not None and error not in chain:
-        chain.append(error)
+    chain: list[BaseException] = []
+    cause: BaseException | None = error
+    while cause is not None and cause not in chain:
+        chain.append(cause)
         # Ray's task errors keep the task's exception as ``cause``
-        error = getattr(error, "cause", None) or error.__cause__
+        cause = getattr(cause, "cause", None) or cause.__cause__
     mine = [e for e in chain if isinstance(e, SteelsegError)]
     if mine:
         return " ".join(str(mine[-1]).split())
@@ -322,7 +323,8 @@ def build_trainer(
             "progress": relay.queue if relay else None,
         },
         scaling_config=ScalingConfig(
-            num_workers=config.workers,
+            # (min, max) is elastic: Train V2's ScalingConfig, which mypy does not see
+            num_workers=config.workers,  # type: ignore[arg-type]
             use_gpu=config.use_gpu,
             resources_per_worker={"CPU": config.cpus_per_worker},
             placement_strategy=config.placement_strategy,

@@ -15,6 +15,7 @@ import resource
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import ray
 import ray.data
@@ -202,7 +203,7 @@ class Worker:
             [*times.values(), times["data_wait"] + times["step"]], self.device
         )
         training = self.training
-        metrics = {
+        metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "train_loss": train_sum / max(train_n, 1),
             "val_loss": val_sum / max(val_n, 1),
@@ -248,6 +249,7 @@ class Worker:
         if self.rank != 0:
             ray.train.report(metrics)
             return
+        assert self.log is not None  # rank 0's
         training, kept = self.training, "diverged" not in metrics
         # staged in a local folder that Ray deletes once it is in storage; with async upload
         # the next epoch trains meanwhile (a checkpoint holds ~200 MB)
@@ -356,6 +358,6 @@ def gather_workers() -> tuple[int, list[int]]:
     me = (ray.get_runtime_context().get_node_id(), os.getpid())
     if not (dist.is_available() and dist.is_initialized()):
         return 1, [me[1]]
-    workers = [None] * dist.get_world_size()
+    workers: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(workers, me)
     return len({node for node, _ in workers}), [pid for _, pid in workers]

@@ -25,17 +25,16 @@ def build_model(config: TrainConfig) -> nn.Module:
     """The config's network (the paper's U-Net unless ``arch`` names an smp one), initialised,
     with its encoder weights, behind a presence head if the config asks for one."""
     channels = in_channels(config.modalities)
+    net: UNet | SmpNet
     if config.arch == "paper":
         net = init_weights(UNet(N_CLASSES, channels), config.head_prior)
         load_encoder(net, config.pretrained)
-        deepest = net.encoder.layer4[-1].conv2.out_channels
     else:
         weights = "imagenet" if config.pretrained == "imagenet" else None
         net = SmpNet(config.arch, N_CLASSES, channels, encoder_weights=weights)
         net.set_prior(config.head_prior)
-        deepest = net.deepest_channels
     if config.presence_head:
-        return PresenceGate(net, deepest, N_CLASSES)
+        return PresenceGate(net, net.deepest_channels, N_CLASSES)
     return net
 
 

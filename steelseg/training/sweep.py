@@ -252,8 +252,10 @@ def best_epoch(history: pd.DataFrame) -> pd.Series | None:
 
 def write_results(results: tune.ResultGrid, base: TrainConfig, sweep_dir: Location) -> SweepResult:
     """results.csv sorted by val Dice, every trial's HParams, the best config and checkpoint."""
+    trials = [results[i] for i in range(len(results))]  # a ResultGrid is typed as indexed only
     rows = []
-    for result in results:
+    for result in trials:
+        assert result.config is not None  # Tune gives each trial's result its searched values
         trial = Path(result.path).name
         run_dir = runs.trials_dir(sweep_dir) / trial
         history = runs.read_history(run_dir)
@@ -280,7 +282,8 @@ def write_results(results: tune.ResultGrid, base: TrainConfig, sweep_dir: Locati
         raise SteelsegError(
             f"{sweep_dir}: no trial finished an epoch{first}; see {runs.trials_dir(sweep_dir)}"
         )
-    params = next(r.config for r in results if Path(r.path).name == winner["trial"])
+    params = next(r.config for r in trials if Path(r.path).name == winner["trial"])
+    assert params is not None
     best_config = base.replace(**params, name=f"{base.name}-best")
     checkpoint = runs.best_checkpoint(winner["run_dir"])
     runs.write_sweep_results(sweep_dir, table, best_config, checkpoint)

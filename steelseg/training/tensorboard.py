@@ -53,18 +53,18 @@ class EpochLog:
             self.writer.flush()
             return
         self.writer.close()
-        self._upload()
+        self._upload(self.staging)
         self.writer = self._open(None)
 
     def close(self) -> None:
         self.writer.close()
         if self.staging is not None:
-            self._upload()
+            self._upload(self.staging)
             shutil.rmtree(self.staging, ignore_errors=True)
 
-    def _upload(self) -> None:
+    def _upload(self, staging: Path) -> None:
         """Every closed file of the staging folder, once: uploaded, then removed here."""
-        for file in sorted(self.staging.iterdir()):
+        for file in sorted(staging.iterdir()):
             (self.folder / file.name).write_bytes(file.read_bytes())
             file.unlink()
 
