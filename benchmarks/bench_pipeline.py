@@ -124,9 +124,10 @@ def with_dataloader(rows, config, processes: int, epochs: int, grey: bool) -> li
 
 
 def with_ray(
-    rows, config, processes: int, epochs: int, grey: bool, allocator: bool = True
-) -> tuple[list[float], int, str]:
-    """Rates of each epoch, bytes per image and the last epoch's Ray Data stats.
+    rows, config, processes: int, epochs: int, grey: bool, allocator: bool = True, warm=True
+) -> tuple[list[float], int, str, float]:
+    """Rates of each epoch, bytes per image, the last epoch's Ray Data stats and the seconds of
+    ``pipeline.warm_up`` (``warm``: done before the first epoch, as a Train worker starts it).
     ``allocator=False`` turns off Ray Data's per-operator resource reservation (a kill-switch
     Ray marks for removal; measured, not used by steelseg)."""
     import ray
@@ -136,6 +137,10 @@ def with_ray(
         context = ray.data.DataContext.get_current()
         context.op_resource_reservation_enabled = allocator
         pipeline.ordered_context()  # as a Train worker reads: one rank, its epoch's rows in order
+        started = time.perf_counter()
+        if warm:  # as a Train worker does while it builds its model
+            ray.get(pipeline.warm_up(config, processes))
+        warm_s = time.perf_counter() - started
         rates = []
         for epoch in range(epochs):
             epoch_rows = pipeline.train_rows(rows, config.seed, epoch, rank=0, world=1)
@@ -143,7 +148,7 @@ def with_ray(
             batches = dataset.iter_torch_batches(batch_size=config.batch_size)
             n, seconds, nbytes = consume(batches, len(epoch_rows))
             rates.append(n / seconds)
-        return rates, nbytes, dataset.stats()
+        return rates, nbytes, dataset.stats(), warm_s
     finally:
         ray.shutdown()
 
@@ -206,8 +211,9 @@ def bench_size(height, width, data, images, processes, epochs, batch, channels) 
             one_process = 1e3 / sum(per_image.values())
             for p in processes:
                 loader = with_dataloader(rows, config, p, epochs, grey)
-                ray_rates, nbytes, stats = with_ray(rows, config, p, epochs, grey)
-                unreserved, _, _ = with_ray(rows, config, p, epochs, grey, allocator=False)
+                ray_rates, nbytes, stats, warm_s = with_ray(rows, config, p, epochs, grey)
+                cold, *_ = with_ray(rows, config, p, 1, grey, warm=False)
+                unreserved, *_ = with_ray(rows, config, p, epochs, grey, allocator=False)
                 row = {
                     "size": label,
                     "channels": kind,
@@ -216,7 +222,9 @@ def bench_size(height, width, data, images, processes, epochs, batch, channels) 
                     "bytes_per_image": nbytes,
                     "dataloader_first": loader[0],
                     "dataloader": max(loader[1:]),
+                    "ray_warm_up_s": warm_s,
                     "ray_first": ray_rates[0],
+                    "ray_first_cold": cold[0],
                     "ray": max(ray_rates[1:]),
                     "ray_no_reservation": max(unreserved[1:]),
                 }

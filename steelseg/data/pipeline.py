@@ -23,7 +23,7 @@ import ray
 import ray.data
 
 from steelseg.config import TrainConfig
-from steelseg.data import rle
+from steelseg.data import augment, rle
 from steelseg.data.augment import augment_batch
 from steelseg.data.images import path_columns, read_stack
 from steelseg.domain import RLE_COLUMNS
@@ -102,6 +102,25 @@ def check_crop(config: TrainConfig, table: pd.DataFrame) -> None:
             f"config crop {config.crop_height}x{config.crop_width} is larger than the images "
             f"({height}x{width})"
         )
+
+
+def _warm(crop_height: int, crop_width: int, defect_crops: float) -> int:
+    """Import what a training task runs (albumentations imports torch: seconds) and build its
+    augmentation, in this Ray worker process."""
+    import os
+
+    augment.augmentation(crop_height, crop_width, defect_crops)
+    return os.getpid()
+
+
+def warm_up(config: TrainConfig, processes: int) -> list[ray.ObjectRef]:
+    """Start ``processes`` tasks that import the pipeline's modules into Ray's idle worker
+    processes, where the first epoch's decode tasks run next, so that those imports overlap the
+    caller's own set-up (a Train worker building its model) rather than delay the first batch.
+    Returns their refs; nothing need wait for them."""
+    task = ray.remote(num_cpus=1)(_warm)
+    args = (config.crop_height, config.crop_width, config.defect_crops)
+    return [task.remote(*args) for _ in range(max(1, processes))]
 
 
 def ordered_context() -> None:

@@ -74,6 +74,8 @@ class Worker:
         self.steps = recipe.steps_per_epoch(
             images, self.world, config.batch_size, config.grad_accum
         )
+        # the pipeline's imports in Ray's idle processes while this one builds the model
+        pipeline.warm_up(config, data_cpus(config, context.get_local_world_size()))
         self.device = ray.train.torch.get_device()
         self.amp = autocast_dtype(self.device, config.amp) is not None
         self.channels_last = prefers_channels_last(self.device, self.amp)
@@ -351,6 +353,14 @@ def peak_memory(device: torch.device) -> dict[str, float]:
         peaks.append(torch.cuda.max_memory_allocated(device) / 2**30)
     names = ["peak_worker_rss_gib", "peak_gpu_memory_gib"]
     return dict(zip(names, all_reduce_max(peaks, device)))
+
+
+def data_cpus(config: TrainConfig, ranks_here: int) -> int:
+    """The CPUs of this node that its Train workers leave to Ray Data, this rank's share (at
+    least 1)."""
+    node = ray.get_runtime_context().get_node_id()
+    cpus = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0)
+    return max(1, int((cpus - ranks_here * config.cpus_per_worker) / max(1, ranks_here)))
 
 
 def gather_workers() -> tuple[int, list[int]]:
