@@ -7,9 +7,10 @@ order: early fusion.
 
 import io
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from steelseg.errors import SteelsegError
 from steelseg.storage import is_uri, locate, shown
@@ -45,12 +46,28 @@ def read_image(path: str, mode: str = "RGB") -> np.ndarray:
         SteelsegError: a missing or unreadable file, named.
     """
     try:
-        with open_image(path) as im:
-            return np.asarray(im.convert(mode))
+        data = locate(path, "image").read_bytes() if is_uri(path) else Path(path).read_bytes()
     except FileNotFoundError:
         raise SteelsegError(f"{path}: no such image") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except OSError as e:
         raise SteelsegError(f"{shown(path)}: unreadable image ({e})") from None
+    return decode_image(data, shown(path), mode)
+
+
+def decode_image(data: bytes, name: str, mode: str = "RGB") -> np.ndarray:
+    """An image file's bytes -> (H, W, 3) for mode RGB, (H, W) for mode L: the one decode of
+    prediction, training and the HTTP service. ``name`` is how messages call the image.
+
+    Raises:
+        SteelsegError: bytes that are no image PIL reads, or one cut short.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert(mode))
+    except UnidentifiedImageError:  # its message names the BytesIO object
+        raise SteelsegError(f"{name}: unreadable image (cannot identify image file)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise SteelsegError(f"{name}: unreadable image ({e})") from None
 
 
 def read_stack(paths: Sequence[str]) -> np.ndarray:
@@ -60,13 +77,22 @@ def read_stack(paths: Sequence[str]) -> np.ndarray:
         SteelsegError: a missing or unreadable file, or modalities of different sizes.
     """
     visible = read_image(paths[0], "RGB")
-    if len(paths) == 1:
+    return stack_modalities(visible, [(p, read_image(p, "L")) for p in paths[1:]])
+
+
+def stack_modalities(visible: np.ndarray, extras: Sequence[tuple[str, np.ndarray]]) -> np.ndarray:
+    """The visible (H, W, 3) image and the (H, W) grey image of each further modality, named
+    for messages, as one (H, W, 3 + extras) array.
+
+    Raises:
+        SteelsegError: a modality of another size than the visible image.
+    """
+    if not extras:
         return visible
-    channels = [visible] + [read_image(p, "L")[:, :, None] for p in paths[1:]]
-    for path, channel in zip(paths[1:], channels[1:]):
+    for name, channel in extras:
         if channel.shape[:2] != visible.shape[:2]:
             raise SteelsegError(
-                f"{path}: size {channel.shape[0]}x{channel.shape[1]} differs from the visible "
+                f"{name}: size {channel.shape[0]}x{channel.shape[1]} differs from the visible "
                 f"image's {visible.shape[0]}x{visible.shape[1]}"
             )
-    return np.concatenate(channels, axis=2)
+    return np.concatenate([visible] + [channel[:, :, None] for _, channel in extras], axis=2)
