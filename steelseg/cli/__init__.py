@@ -20,6 +20,7 @@ COMMANDS: tuple[Command, ...] = (
     training.TUNE,
     inference.PREDICT,
     inference.CALIBRATE,
+    inference.EXPORT,
     evaluation.EVALUATE,
     evaluation.FIGURES,
     evaluation.TENSORBOARD,

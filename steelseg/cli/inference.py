@@ -1,5 +1,6 @@
 """Inference commands: ``predict`` writes a Kaggle submission with Ray Data, ``calibrate``
-searches the post-processing rules on a run's validation split."""
+searches the post-processing rules on a run's validation split, ``export`` writes a model as
+ONNX."""
 
 import argparse
 
@@ -33,6 +34,22 @@ def probability(text: str) -> float:
     return value
 
 
+def image_size(text: str) -> tuple[int, int]:
+    from steelseg.data.images import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def rules_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--uncalibrated", action="store_true", help="ignore the calibrated rules; use --threshold"
+    )
+    p.add_argument("--threshold", type=probability, default=0.5, help="without calibration (0.5)")
+
+
 def use_gpu_argument(p: argparse.ArgumentParser, default_help: str) -> None:
     p.add_argument(
         "--use-gpu", action=argparse.BooleanOptionalAction, default=None, help=default_help
@@ -48,10 +65,7 @@ def predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actors", type=positive, default=1, help="model replicas (default 1)")
     p.add_argument("--tta", action="store_true", help="average over horizontal/vertical flips")
     use_gpu_argument(p, "one GPU per actor (default: when the cluster has GPUs)")
-    p.add_argument(
-        "--uncalibrated", action="store_true", help="ignore the calibrated rules; use --threshold"
-    )
-    p.add_argument("--threshold", type=probability, default=0.5, help="without calibration (0.5)")
+    rules_arguments(p)
     p.add_argument(
         "--strict", action="store_true", help="an unreadable image is an error (default: reported)"
     )
@@ -114,6 +128,51 @@ def calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORT_DESCRIPTION = """\
+Write a trained model as one ONNX file: the network with its presence gate and the sigmoid in the
+graph (probabilities out), batch, height and width dynamic (height and width multiples of 32: pad
+at the bottom and right, repeating the edge pixels), float32. The file's metadata holds the class
+ids, the input layout and normalisation, the padding rule and the post-processing rules
+(calibrated, as predict uses them, or --threshold). docs/serving.md shows how to use it.
+
+    steelseg export ~/steelseg_runs/demo --out demo.onnx
+    steelseg export ~/steelseg_runs/psp/epoch_0010 --out psp.onnx --image-size 256x1600
+"""
+
+
+def export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint folder, training run or Tune sweep")
+    p.add_argument("--out", required=True, help="the .onnx file to write (a path or a URI)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--image-size",
+        type=image_size,
+        metavar="HxW",
+        help="fix height and width (multiples of 32) instead of leaving them dynamic; "
+        "pspnet-* needs it",
+    )
+    rules_arguments(p)
+
+
+def export(args: argparse.Namespace) -> int:
+    from steelseg.inference.export import export_onnx
+    from steelseg.storage import locate
+
+    locate(args.out, "out").check_new_file(args.overwrite)
+    place, metadata = export_onnx(
+        args.checkpoint,
+        args.out,
+        image_size=args.image_size,
+        calibrated=not args.uncalibrated,
+        threshold=args.threshold,
+    )
+    print(
+        f"wrote {place}: arch {metadata['arch']}, modalities {metadata['modalities']}, image "
+        f"sizes {metadata['input_size']}, {metadata['rules_source']}"
+    )
+    return 0
+
+
 PREDICT = Command(
     "predict",
     "predict a folder of images into a Kaggle submission (Ray Data)",
@@ -126,4 +185,11 @@ CALIBRATE = Command(
     "search per-class post-processing on a run's validation split",
     calibrate_arguments,
     calibrate,
+)
+EXPORT = Command(
+    "export",
+    "write a trained model as ONNX, with its rules in the metadata",
+    export_arguments,
+    export,
+    EXPORT_DESCRIPTION,
 )

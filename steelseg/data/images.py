@@ -21,6 +21,18 @@ def in_channels(modalities: Sequence[str]) -> int:
     return 3 + len(modalities) - 1
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """``HEIGHTxWIDTH`` (256x1600) -> (256, 1600).
+
+    Raises:
+        ValueError: not two whole numbers >= 1 joined by an x.
+    """
+    height, sep, width = text.strip().lower().partition("x")
+    if not (sep and height.isdigit() and width.isdigit() and int(height) and int(width)):
+        raise ValueError(f"must be HEIGHTxWIDTH in pixels, e.g. 256x1600, got {text!r}")
+    return int(height), int(width)
+
+
 def path_columns(modalities: Sequence[str]) -> list[str]:
     """The catalog columns of an image's files: ``path`` (visible), then ``path_<m>``."""
     return ["path"] + [f"path_{m}" for m in modalities[1:]]
