@@ -78,7 +78,12 @@ def export_onnx(
         SteelsegError: no checkpoint or a broken one, a size that is no multiple of 32, or a
             PSPNet without ``image_size``.
     """
-    import onnx
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (torch's exporter needs it)
+    except ModuleNotFoundError as e:
+        message = f"steelseg export needs {e.name}: pip install 'steelseg[onnx]'"
+        raise SteelsegError(message) from None
 
     folder = resolve_checkpoint(checkpoint)
     model, config, state = load_checkpoint(folder)
