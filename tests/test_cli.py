@@ -57,7 +57,7 @@ def test_help_lists_every_command_and_the_ray_jobs_run_the_same_ones(capsys):
         main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    commands = ("train", "tune", "predict", "calibrate", "export", "evaluate", "figures",
+    commands = ("train", "tune", "predict", "calibrate", "export", "serve", "evaluate", "figures",
                 "tensorboard", "synth", "validate")  # fmt: skip
     for name in commands:
         assert re.search(rf"\n    {name}\s", out), name

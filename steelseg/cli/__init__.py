@@ -21,6 +21,7 @@ COMMANDS: tuple[Command, ...] = (
     inference.PREDICT,
     inference.CALIBRATE,
     inference.EXPORT,
+    inference.SERVE,
     evaluation.EVALUATE,
     evaluation.FIGURES,
     evaluation.TENSORBOARD,

@@ -1,10 +1,11 @@
 """Inference commands: ``predict`` writes a Kaggle submission with Ray Data, ``calibrate``
 searches the post-processing rules on a run's validation split, ``export`` writes a model as
-ONNX."""
+ONNX and ``serve`` answers HTTP requests with Ray Serve."""
 
 import argparse
 
 from steelseg.cli.command import Command
+from steelseg.errors import SteelsegError
 
 PREDICT_DESCRIPTION = """\
 Predict defect masks for a folder of images into a Kaggle submission, with Ray Data.
@@ -173,6 +174,87 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_DESCRIPTION = """\
+Serve a trained model over HTTP with Ray Serve, until Ctrl-C: POST /predict with a JPEG
+(Content-Type: image/jpeg) or a multipart/form-data batch (a part "image" per image) answers, per
+image and class, the mask's RLE in Kaggle's format, its pixel count and the class's presence
+score, after the checkpoint's rules (as predict applies them); GET /healthz. A bad request gets a
+4xx and a one-line reason. On the Ray cluster that predict would use, or a local Ray; the HTTP
+proxy runs on the head node. docs/serving.md has the API; cluster/serve.yaml and
+cluster/kuberay/rayservice.yaml run the same application from a config file.
+
+    steelseg serve ~/steelseg_runs/demo --port 8000
+    curl -s -H "Content-Type: image/jpeg" --data-binary @0a1cade03.jpg localhost:8000/predict
+    steelseg serve s3://bucket/runs/severstal --host 0.0.0.0 --replicas 1..4 --gpus-per-replica 0.5
+"""
+
+
+def serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint folder, training run or Tune sweep")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (8000)")
+    p.add_argument(
+        "--image-size",
+        default="256x1600",
+        metavar="HxW|any",
+        help="the one image size taken (256x1600), or any: up to 4096 a side, padded as predict "
+        "pads",
+    )
+    p.add_argument(
+        "--max-batch-size",
+        type=positive,
+        default=8,
+        help="images predicted together on a replica (8; 1: no batching)",
+    )
+    p.add_argument(
+        "--batch-wait-s",
+        type=float,
+        default=0.01,
+        help="how long a replica waits for a batch to fill (0.01)",
+    )
+    p.add_argument(
+        "--replicas",
+        default="1",
+        metavar="N|MIN..MAX",
+        help="model replicas, or autoscaling's bounds",
+    )
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs of a replica (1)")
+    p.add_argument(
+        "--gpus-per-replica", type=float, default=0.0, help="GPUs of a replica, a fraction shares"
+    )
+    p.add_argument("--tta", action="store_true", help="average over horizontal/vertical flips")
+    rules_arguments(p)
+    p.add_argument(
+        "--max-body-mb", type=float, default=16.0, help="largest request body taken (16 MB)"
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        from steelseg.inference.serve import ServeSettings, serve_until_stopped
+    except ModuleNotFoundError as e:
+        if e.name not in ("starlette", "fastapi", "uvicorn"):
+            raise
+        message = f"steelseg serve needs Ray Serve: pip install 'steelseg[serve]' ({e})"
+        raise SteelsegError(message) from None
+
+    settings = ServeSettings(
+        checkpoint=args.checkpoint,
+        image_size=args.image_size,
+        max_batch_size=args.max_batch_size,
+        batch_wait_s=args.batch_wait_s,
+        replicas=args.replicas,
+        cpus_per_replica=args.cpus_per_replica,
+        gpus_per_replica=args.gpus_per_replica,
+        tta=args.tta,
+        calibrated=not args.uncalibrated,
+        threshold=args.threshold,
+        max_body_mb=args.max_body_mb,
+    )
+    serve_until_stopped(settings, args.host, args.port, verbose=args.verbose)
+    return 0
+
+
 PREDICT = Command(
     "predict",
     "predict a folder of images into a Kaggle submission (Ray Data)",
@@ -192,4 +274,11 @@ EXPORT = Command(
     export_arguments,
     export,
     EXPORT_DESCRIPTION,
+)
+SERVE = Command(
+    "serve",
+    "serve a trained model over HTTP (Ray Serve)",
+    serve_arguments,
+    serve,
+    SERVE_DESCRIPTION,
 )

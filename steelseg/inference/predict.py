@@ -132,8 +132,8 @@ class Predictor:
 
     def __init__(self, checkpoint: str, tta: bool, rules: dict | None, use_gpu: bool | None):
         self.device = device_for(use_gpu)
-        model, config, _ = load_checkpoint(checkpoint)
-        self.amp = config.amp
+        model, self.config, _ = load_checkpoint(checkpoint)
+        self.amp = self.config.amp
         self.model = prepare(model, self.device, self.amp)
         self.tta = tta
         self.rules = postprocess.Rules.from_dict(rules) if rules else postprocess.Rules.plain()
