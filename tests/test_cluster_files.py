@@ -278,6 +278,8 @@ def test_dockerfile_is_hadolint_clean_non_root_and_on_the_pinned_ray():
     assert f"ARG RAY_IMAGE=rayproject/ray:{pinned('ray')}-{python}-gpu" in text
     assert re.search(r"^USER [1-9]\d*", text, re.M), "the image must not run as root"
     assert "pip install -e" not in text and "steelseg-*.whl" in text
+    for package in ("ray[serve]", "python-multipart"):  # steelseg serve, the RayService
+        assert f'"{package}=={pinned(package.split("[")[0])}"' in text, package
 
 
 def test_runtime_env_is_valid_and_brings_every_dependency():
