@@ -197,35 +197,47 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
         "--image-size",
         default="256x1600",
         metavar="HxW|any",
-        help="the one image size taken (256x1600), or any: up to 4096 a side, padded as predict "
-        "pads",
+        help="the one image size taken (256x1600), or any: up to 4096 a side, padded as "
+        "predict pads",
     )
     p.add_argument(
         "--max-batch-size",
         type=positive,
         default=8,
+        metavar="N",
         help="images predicted together on a replica (8; 1: no batching)",
     )
     p.add_argument(
         "--batch-wait-s",
         type=float,
         default=0.01,
+        metavar="S",
         help="how long a replica waits for a batch to fill (0.01)",
     )
     p.add_argument(
         "--replicas",
         default="1",
         metavar="N|MIN..MAX",
-        help="model replicas, or autoscaling's bounds",
+        help="model replicas, or autoscaling's bounds (1)",
     )
-    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs of a replica (1)")
     p.add_argument(
-        "--gpus-per-replica", type=float, default=0.0, help="GPUs of a replica, a fraction shares"
+        "--cpus-per-replica", type=float, default=1.0, metavar="N", help="CPUs a replica (1)"
+    )
+    p.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        default=0.0,
+        metavar="N",
+        help="GPUs a replica, a fraction to share one (0: on CPUs)",
     )
     p.add_argument("--tta", action="store_true", help="average over horizontal/vertical flips")
     rules_arguments(p)
     p.add_argument(
-        "--max-body-mb", type=float, default=16.0, help="largest request body taken (16 MB)"
+        "--max-body-mb",
+        type=float,
+        default=16.0,
+        metavar="MB",
+        help="the largest request body taken (16)",
     )
 
 

@@ -204,7 +204,7 @@ def healthy(url: str) -> dict | None:
 
     try:
         answer = requests.get(f"{url}/healthz", timeout=5)
-    except requests.ConnectionError:
+    except requests.RequestException:  # not listening yet, or busy starting
         return None
     return answer.json() if answer.status_code == 200 else None
 
