@@ -23,7 +23,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from steelseg.cluster import init_ray
+from steelseg.cluster import init_ray, without_ray_notes
 from steelseg.data.images import parse_size
 from steelseg.errors import SteelsegError
 from steelseg.inference import http_api
@@ -34,6 +34,9 @@ from steelseg.runs import load_config, resolve_checkpoint
 log = logging.getLogger(__name__)
 
 APP_NAME = "steelseg"
+# what Ray's core prints at every serve.shutdown, the controller's calls that were waiting when
+# it was ended: Serve's own way of stopping, nothing a user can act on
+CONTROLLER_ENDED_NOTE = b"Task ServeController."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,9 +279,10 @@ def serve_until_stopped(
     except KeyboardInterrupt:
         log.info("stopping the service")
     finally:
-        stop_service()
-        if not attached:
-            ray.shutdown()
+        with without_ray_notes((CONTROLLER_ENDED_NOTE,)):
+            stop_service()
+            if not attached:
+                ray.shutdown()
     log.info("stopped")
 
 
