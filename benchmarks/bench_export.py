@@ -94,8 +94,10 @@ def main() -> None:
             rows += measure(arch, batches, args.repeats, args.threads, Path(tmp))
     print(table(rows, ["arch", "batch", "runtime", "s_per_batch", "img_per_s"]))
     if args.json:
+        import onnxruntime
+
         record(rows, args.json, threads=args.threads, size=f"{H}x{W}",
-               load_average=os.getloadavg())  # fmt: skip
+               onnxruntime=onnxruntime.__version__, load_average=os.getloadavg())  # fmt: skip
 
 
 if __name__ == "__main__":
