@@ -157,6 +157,22 @@ def test_the_readmes_python_api_imports_work():
         assert callable(namespace[name]), name
 
 
+def test_every_steelseg_command_line_of_the_serving_docs_parses():
+    import shlex
+    from pathlib import Path
+
+    from steelseg.cli import build_parser
+
+    docs = (Path(__file__).parents[1] / "docs" / "serving.md").read_text()
+    blocks = [block.split("```", 1)[0] for block in docs.split("```bash\n")[1:]]
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    commands = [line.split("#")[0] for line in lines if line.strip().startswith("steelseg ")]
+    assert len(commands) >= 6
+    for command in commands:
+        args = build_parser().parse_args(shlex.split(command)[1:])  # exits on a bad one
+        assert args.command in ("export", "serve"), command
+
+
 def test_sigterm_is_taken_as_ctrl_c_so_ray_ends_the_run_cleanly():
     import os
     import signal

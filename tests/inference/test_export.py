@@ -1,5 +1,5 @@
 """steelseg export: the ONNX file against PyTorch's prediction, read by a consumer that has
-nothing but the file (docs/serving.md's example, as ``onnx_probabilities`` below)."""
+nothing but the file (docs/serving.md's own code)."""
 
 import json
 from pathlib import Path
@@ -32,22 +32,24 @@ def make_run(folder: Path, seed: int = 0, **changes) -> Path:
     return folder
 
 
+def docs_consumer() -> dict:
+    """The functions of docs/serving.md's consumer (its first Python block): onnx_probabilities
+    and apply_rules, which read nothing but the file."""
+    docs = (Path(__file__).parents[2] / "docs" / "serving.md").read_text()
+    namespace: dict = {}
+    exec(docs.split("```python\n", 1)[1].split("```", 1)[0], namespace)
+    return namespace
+
+
+CONSUMER = docs_consumer()
+
+
 def onnx_probabilities(path: Path, images: list[np.ndarray]) -> list[np.ndarray]:
-    """docs/serving.md's consumer: each (H, W, C) uint8 image -> (4, H, W) probabilities, from
-    the file alone (its metadata's normalisation and padding rule)."""
+    """Each (H, W, C) uint8 image -> (4, H, W) probabilities, by the docs' consumer."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    meta = session.get_modelmeta().custom_metadata_map
-    norm = json.loads(meta["normalisation"])
-    out = []
-    for image in images:
-        height, width = image.shape[:2]
-        x = (image / 255 - np.array(norm["mean"])) / np.array(norm["std"])
-        x = np.pad(x, ((0, -height % 32), (0, -width % 32), (0, 0)), mode="edge")
-        x = x.transpose(2, 0, 1)[None].astype(np.float32)
-        out.append(session.run(["probabilities"], {"image": x})[0][0, :, :height, :width])
-    return out
+    return [CONSUMER["onnx_probabilities"](session, image) for image in images]
 
 
 def torch_probabilities(checkpoint, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -96,7 +98,7 @@ def parity_images(real_dir) -> list[np.ndarray]:
     """The three real 256x1600 images and a synthetic one of a size that is no multiple of 32
     (the consumer pads it)."""
     real = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(real_dir.glob("*/*.jpg"))]
-    made = synth.make_image(synth.SynthSpec(256, 1600, seed=3), 1)[0]["visible"][:250, :1590]
+    made = synth.make_image(synth.SynthSpec(256, 1600, seed=3), 1)[0]["visible"][:250, :390]
     return [*real, np.repeat(made[..., None], 3, axis=2)]
 
 
@@ -125,8 +127,10 @@ def test_the_paper_network_with_its_gate_and_rules_matches_pytorch_at_full_size(
     assert stored == rules and metadata["rules_source"] == "calibrated rules of epoch_0002"
     assert json.loads(metadata["class_ids"]) == [1, 2, 3, 4]
     ours, theirs = masks(stored, found), masks(rules, reference)
-    for a, b in zip(ours, theirs):
+    by_the_docs = [CONSUMER["apply_rules"](p, json.loads(metadata["rules"])) for p in found]
+    for a, b, c in zip(ours, theirs, by_the_docs):
         np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(c, b)  # the metadata's rules, applied without steelseg
     kept = np.array([m.reshape(4, -1).any(axis=1) for m in theirs])
     assert kept.any(axis=0).all() and not kept[:, 3].all()  # every class found, the gate shut
 

@@ -266,6 +266,12 @@ def post_jpeg(url: str, data: bytes, content_type: str = "image/jpeg"):
                          timeout=120)  # fmt: skip
 
 
+def chunks(data: bytes, size: int):
+    """A body of ``size`` bytes of ``data`` over and over, sent without a Content-Length."""
+    for _ in range(size // len(data) + 1):
+        yield data
+
+
 def rles(answer: dict) -> list[str]:
     return [c["rle"] for c in answer["classes"]]
 
@@ -320,6 +326,8 @@ def test_bad_requests_get_a_4xx_with_a_reason_and_the_next_good_one_is_answered(
         "wrong size": (lambda: post_jpeg(service.url, jpeg(image[:, :256])), 422, "64x256"),
         "over the limit": (lambda: post_jpeg(service.url, data * (1_100_000 // len(data))), 413,
                            "the limit is 1000000"),
+        "over the limit, chunked": (lambda: post_jpeg(service.url, chunks(data, 1_100_000)),
+                                    413, "request body over 1000000 bytes"),
         "wrong type": (lambda: post_jpeg(service.url, data, "text/plain"), 415, "text/plain"),
         "no type": (lambda: requests.post(f"{service.url}/predict", data=data, timeout=60), 415,
                     "content type none"),
