@@ -17,6 +17,7 @@ _PUBLIC = {
     "predict": "steelseg.inference.predict",
     "write_submission": "steelseg.inference.predict",
     "calibrate": "steelseg.inference.calibrate",
+    "export_onnx": "steelseg.inference.export",
     "score_submission": "steelseg.evaluation.score",
     "load_checkpoint": "steelseg.runs",
     "best_checkpoint": "steelseg.runs",

@@ -57,8 +57,8 @@ def test_help_lists_every_command_and_the_ray_jobs_run_the_same_ones(capsys):
         main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    commands = ("train", "tune", "predict", "calibrate", "evaluate", "figures", "tensorboard",
-                "synth", "validate")  # fmt: skip
+    commands = ("train", "tune", "predict", "calibrate", "export", "serve", "evaluate", "figures",
+                "tensorboard", "synth", "validate")  # fmt: skip
     for name in commands:
         assert re.search(rf"\n    {name}\s", out), name
     with pytest.raises(SystemExit):
@@ -183,6 +183,22 @@ def test_the_api_pages_imports_work():
     exec("\n".join(imports), namespace)
     for name in ("TrainConfig", "fit", "predict", "calibrate", "sweep", "score_submission"):
         assert callable(namespace[name]), name
+
+
+def test_every_steelseg_command_line_of_the_serving_docs_parses():
+    import shlex
+    from pathlib import Path
+
+    from steelseg.cli import build_parser
+
+    docs = (Path(__file__).parents[1] / "docs" / "serving.md").read_text()
+    blocks = [block.split("```", 1)[0] for block in docs.split("```bash\n")[1:]]
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    commands = [line.split("#")[0] for line in lines if line.strip().startswith("steelseg ")]
+    assert len(commands) >= 6
+    for command in commands:
+        args = build_parser().parse_args(shlex.split(command)[1:])  # exits on a bad one
+        assert args.command in ("export", "serve"), command
 
 
 def test_sigterm_is_taken_as_ctrl_c_so_ray_ends_the_run_cleanly():

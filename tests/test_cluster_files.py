@@ -68,18 +68,25 @@ def manifest(name: str) -> dict:
 
 
 @pytest.mark.parametrize(("name", "kind"), [("rayjob.yaml", "rayjobs"),
-                                            ("raycluster.yaml", "rayclusters")])  # fmt: skip
+                                            ("raycluster.yaml", "rayclusters"),
+                                            ("rayservice.yaml", "rayservices")])  # fmt: skip
 def test_kuberay_manifests_validate_against_the_crd_and_a_typo_does_not(name, kind):
     document = manifest(name)
     assert document["apiVersion"] == "ray.io/v1"
     assert errors(document, kind) == []
     broken = copy.deepcopy(document)
-    spec = broken["spec"].get("rayClusterSpec", broken["spec"])
+    spec = cluster_spec(broken)
     spec["workerGroupSpecs"][0]["maxReplica"] = 4  # misspelled
     spec["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0  # must be a string
     found = errors(broken, kind)
     assert any("'maxReplica' was unexpected" in e for e in found), found
     assert any(e.endswith("0 is not of type 'string'") for e in found), found
+
+
+def cluster_spec(document: dict) -> dict:
+    """A manifest's Ray cluster: a RayCluster's spec, a RayJob's or a RayService's own."""
+    spec = document["spec"]
+    return spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
 
 
 def check_cluster_spec(spec: dict) -> None:
@@ -130,6 +137,58 @@ def check_train_flags(argv: list[str]) -> None:
     config = from_args(parser.parse_args(argv))
     assert config.use_gpu and config.storage.startswith("s3://")
     assert config.workers == (1, 4)  # elastic: goes on when a (spot) GPU node goes away
+
+
+def test_rayservice_serves_the_serve_configs_application():
+    from ray.serve.schema import ServeDeploySchema
+
+    service = manifest("rayservice.yaml")["spec"]
+    check_cluster_spec(service["rayClusterConfig"])
+    ports = [c["ports"] for group in [service["rayClusterConfig"]["headGroupSpec"],
+             *service["rayClusterConfig"]["workerGroupSpecs"]]
+             for c in group["template"]["spec"]["containers"]]  # fmt: skip
+    assert all({"containerPort": 8000, "name": "serve"} in p for p in ports)
+    config = yaml.safe_load(service["serveConfigV2"])
+    ServeDeploySchema.model_validate(config)
+    assert config["applications"] == yaml.safe_load(serve_config())["applications"]
+
+
+def serve_config() -> str:
+    return (CLUSTER / "serve.yaml").read_text()
+
+
+def test_the_serve_config_passes_serves_schema_and_builds_steelsegs_application(tmp_path):
+    """cluster/serve.yaml as `serve run` reads it: Ray Serve's schema, then its application
+    built from import_path and args (the checkpoint swapped for a local one)."""
+    import pydantic
+    import torch
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.schema import ServeDeploySchema
+    from ray.serve.scripts import import_attr
+
+    from steelseg import runs
+    from steelseg.config import TrainConfig
+    from steelseg.training.recipe import build_model
+
+    config = yaml.safe_load(serve_config())
+    schema = ServeDeploySchema.model_validate(config)
+    (app,) = schema.applications
+    broken = copy.deepcopy(config)
+    broken["applications"][0]["import_paths"] = broken["applications"][0].pop("import_path")
+    with pytest.raises(pydantic.ValidationError, match="import_path"):
+        ServeDeploySchema.model_validate(broken)
+
+    checkpoint = tmp_path / "epoch_0001"
+    torch.manual_seed(0)
+    state = {"model": build_model(TrainConfig()).state_dict(), "config": TrainConfig().to_dict()}
+    runs.write_state(checkpoint, {**state, "epoch": 1, "metrics": {}})
+    args = {**app.args, "checkpoint": str(tmp_path)}
+    built = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), args)
+    deployment = built._bound_deployment
+    assert deployment.ray_actor_options == {"num_cpus": 2, "num_gpus": 0.5}
+    scaling = deployment._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas) == (1, 4)
+    assert deployment.max_ongoing_requests == 2 * app.args["max_batch_size"]
 
 
 # --- Ray cluster launcher ----------------------------------------------------------------------
@@ -219,6 +278,8 @@ def test_dockerfile_is_hadolint_clean_non_root_and_on_the_pinned_ray():
     assert f"ARG RAY_IMAGE=rayproject/ray:{pinned('ray')}-{python}-gpu" in text
     assert re.search(r"^USER [1-9]\d*", text, re.M), "the image must not run as root"
     assert "pip install -e" not in text and "steelseg-*.whl" in text
+    for package in ("ray[serve]", "python-multipart"):  # steelseg serve, the RayService
+        assert f'"{package}=={pinned(package.split("[")[0])}"' in text, package
 
 
 def test_runtime_env_is_valid_and_brings_every_dependency():

@@ -21,6 +21,8 @@ COMMANDS: tuple[Command, ...] = (
     training.TUNE,
     inference.PREDICT,
     inference.CALIBRATE,
+    inference.EXPORT,
+    inference.SERVE,
     evaluation.EVALUATE,
     evaluation.FIGURES,
     evaluation.TENSORBOARD,

@@ -10,9 +10,10 @@ bytes; ``steelseg.model.inputs.to_inputs`` makes the three channels again on the
 
 import io
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from steelseg.errors import SteelsegError
 from steelseg.storage import is_uri, locate, shown
@@ -21,6 +22,18 @@ from steelseg.storage import is_uri, locate, shown
 def in_channels(modalities: Sequence[str]) -> int:
     """Model input channels for a modality list whose first entry is the visible image."""
     return 3 + len(modalities) - 1
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``HEIGHTxWIDTH`` (256x1600) -> (256, 1600).
+
+    Raises:
+        ValueError: not two whole numbers >= 1 joined by an x.
+    """
+    height, sep, width = text.strip().lower().partition("x")
+    if not (sep and height.isdigit() and width.isdigit() and int(height) and int(width)):
+        raise ValueError(f"must be HEIGHTxWIDTH in pixels, e.g. 256x1600, got {text!r}")
+    return int(height), int(width)
 
 
 def path_columns(modalities: Sequence[str]) -> list[str]:
@@ -49,14 +62,30 @@ def read_image(path: str, mode: str = "RGB") -> np.ndarray:
         SteelsegError: a missing or unreadable file, named.
     """
     try:
-        with open_image(path) as im:
+        data = locate(path, "image").read_bytes() if is_uri(path) else Path(path).read_bytes()
+    except FileNotFoundError:
+        raise SteelsegError(f"{path}: no such image") from None
+    except OSError as e:
+        raise SteelsegError(f"{shown(path)}: unreadable image ({e})") from None
+    return decode_image(data, shown(path), mode)
+
+
+def decode_image(data: bytes, name: str, mode: str = "RGB") -> np.ndarray:
+    """An image file's bytes -> (H, W, 3) for mode RGB, (H, W) for mode L: the one decode of
+    prediction, training and the HTTP service. ``name`` is how messages call the image.
+
+    Raises:
+        SteelsegError: bytes that are no image PIL reads, or one cut short.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
             if mode == "L":
                 im.draft("L", im.size)  # a JPEG's decoder outputs Y; other formats ignore it
             return np.asarray(im.convert(mode))
-    except FileNotFoundError:
-        raise SteelsegError(f"{path}: no such image") from None
+    except UnidentifiedImageError:  # its message names the BytesIO object
+        raise SteelsegError(f"{name}: unreadable image (cannot identify image file)") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise SteelsegError(f"{shown(path)}: unreadable image ({e})") from None
+        raise SteelsegError(f"{name}: unreadable image ({e})") from None
 
 
 def is_grey(image: np.ndarray) -> bool:
@@ -75,13 +104,22 @@ def read_stack(paths: Sequence[str], grey: bool = False) -> np.ndarray:
         SteelsegError: a missing or unreadable file, or modalities of different sizes.
     """
     visible = read_image(paths[0], "L")[:, :, None] if grey else read_image(paths[0], "RGB")
-    if len(paths) == 1:
+    return stack_modalities(visible, [(p, read_image(p, "L")) for p in paths[1:]])
+
+
+def stack_modalities(visible: np.ndarray, extras: Sequence[tuple[str, np.ndarray]]) -> np.ndarray:
+    """The visible (H, W, 3) image (or (H, W, 1), grey) and the (H, W) grey image of each further
+    modality, named for messages, as one (H, W, C + extras) array.
+
+    Raises:
+        SteelsegError: a modality of another size than the visible image.
+    """
+    if not extras:
         return visible
-    channels = [visible] + [read_image(p, "L")[:, :, None] for p in paths[1:]]
-    for path, channel in zip(paths[1:], channels[1:]):
+    for name, channel in extras:
         if channel.shape[:2] != visible.shape[:2]:
             raise SteelsegError(
-                f"{path}: size {channel.shape[0]}x{channel.shape[1]} differs from the visible "
+                f"{name}: size {channel.shape[0]}x{channel.shape[1]} differs from the visible "
                 f"image's {visible.shape[0]}x{visible.shape[1]}"
             )
-    return np.concatenate(channels, axis=2)
+    return np.concatenate([visible] + [channel[:, :, None] for _, channel in extras], axis=2)

@@ -128,12 +128,13 @@ CLASS_BITS = (1 << np.arange(N_CLASSES, dtype=np.uint8)).reshape(1, -1, 1, 1)
 
 class Predictor:
     """A Ray Data actor: the model loaded once, then batches of images -> ``bits`` (H, W) uint8
-    masks, bit c set where class c + 1 is found after the rules."""
+    masks, bit c set where class c + 1 is found after the rules. ``predict_bits`` is the same
+    step for a list of images, which the HTTP service (``steelseg.inference.serve``) calls."""
 
-    def __init__(self, checkpoint: str, tta: bool, rules: dict | None, use_gpu: bool):
+    def __init__(self, checkpoint: str, tta: bool, rules: dict | None, use_gpu: bool | None):
         self.device = device_for(use_gpu)
-        model, config, _ = load_checkpoint(checkpoint)
-        self.amp = config.amp
+        model, self.config, _ = load_checkpoint(checkpoint)
+        self.amp = self.config.amp
         self.model = prepare(model, self.device, self.amp)
         self.tta = tta
         self.rules = postprocess.Rules.from_dict(rules) if rules else postprocess.Rules.plain()
@@ -141,30 +142,47 @@ class Predictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["image_id"])
         bits = [np.zeros((0, 0), np.uint8)] * n
+        readable = [i for i in range(n) if not batch["error"][i]]
+        found, _ = self.predict_bits([batch["image"][i] for i in readable])
+        for i, mask in zip(readable, found):
+            bits[i] = mask
+        return {"image_id": batch["image_id"], "bits": ragged(bits), "error": batch["error"]}
+
+    def predict_bits(self, images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+        """(H, W, C) uint8 images of any sizes, predicted a size at a time -> each image's
+        ``bits`` and (N, 4) scores: each class's highest probability on the image (what a
+        rule's gate compares)."""
+        bits: list[np.ndarray] = [np.zeros((0, 0), np.uint8)] * len(images)
+        scores = np.zeros((len(images), N_CLASSES), np.float32)
         by_size: dict[tuple[int, int], list[int]] = {}
-        for i in range(n):
-            if not batch["error"][i]:
-                by_size.setdefault(batch["image"][i].shape[:2], []).append(i)
+        for i, image in enumerate(images):
+            by_size.setdefault(image.shape[:2], []).append(i)
         for indices in by_size.values():
-            stack = np.stack([batch["image"][i] for i in indices])
+            stack = np.stack([images[i] for i in indices])
             probs = probability_tensor(self.model, stack, self.device, self.tta, self.amp)
             masks, _ = self.rules.apply_batch(probs)
             packed = (masks * CLASS_BITS).sum(axis=1, dtype=np.uint8)
-            for i, mask in zip(indices, packed):
-                bits[i] = mask
-        return {"image_id": batch["image_id"], "bits": ragged(bits), "error": batch["error"]}
+            peaks = probs.amax(dim=(2, 3)).cpu().numpy()
+            for j, i in enumerate(indices):
+                bits[i], scores[i] = packed[j], peaks[j]
+        return bits, scores
+
+
+def encode_bits(bits: np.ndarray) -> list[str]:
+    """An image's class bits -> the RLE string of each class ('' where it has none)."""
+    masks = [(bits >> c) & 1 for c in range(N_CLASSES)]
+    return [rle.encode(mask) if mask.any() else "" for mask in masks]
 
 
 def encode_masks(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The CPU stage after the model: each image's class bits -> an RLE string per class."""
-    encoded: dict[str, list[str]] = {col: [] for col in RLE_COLUMNS}
-    for bits in batch["bits"]:
-        for c, col in enumerate(RLE_COLUMNS):
-            mask = (bits >> c) & 1
-            encoded[col].append(rle.encode(mask) if mask.any() else "")
+    encoded = [encode_bits(bits) for bits in batch["bits"]]
     return {
         "image_id": batch["image_id"],
-        **{col: np.array(values, dtype=object) for col, values in encoded.items()},
+        **{
+            col: np.array([strings[c] for strings in encoded], dtype=object)
+            for c, col in enumerate(RLE_COLUMNS)
+        },
         "error": batch["error"],
     }
 
@@ -238,9 +256,7 @@ def predict(
     folder = resolve_checkpoint(checkpoint)
     config = load_config(folder, check_weights=True)  # before Ray starts
     table = image_paths(images_dir, config.modalities)
-    rules = load_rules(folder) if calibrated else None
-    how = f"calibrated rules of {folder.name}" if rules else f"threshold {threshold}"
-    rules = rules or postprocess.Rules.plain(threshold)
+    rules, how = choose_rules(folder, calibrated, threshold)
     tta_note = ", flip TTA" if tta else ""
     log.info("predicting %d images with %s (%s%s)", len(table), folder, how, tta_note)
     init_ray(actors + 1, progress_bars=progress)
@@ -282,6 +298,17 @@ def predict(
     for message in failed["error"]:
         log.warning("%s; its rows are left empty", message)
     return to_submission(results)
+
+
+def choose_rules(
+    checkpoint: Location, calibrated: bool = True, threshold: float = 0.5
+) -> tuple[postprocess.Rules, str]:
+    """The rules prediction applies, and how to name them: those stored with the checkpoint
+    (``steelseg calibrate``) when ``calibrated`` and there are any, else a plain ``threshold``."""
+    rules = load_rules(checkpoint) if calibrated else None
+    if rules is not None:
+        return rules, f"calibrated rules of {checkpoint.name}"
+    return postprocess.Rules.plain(threshold), f"threshold {threshold}"
 
 
 def write_submission(submission: pd.DataFrame, out: str | os.PathLike) -> Location:

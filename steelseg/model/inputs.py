@@ -55,12 +55,18 @@ def unpack_masks(bits: torch.Tensor) -> torch.Tensor:
     return ((bits.unsqueeze(1) >> shifts) & 1).float()
 
 
+def normalisation_values(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of images scaled to [0, 1]: ImageNet's for R, G, B, and one
+    pair for every further (fused) channel."""
+    extra = channels - 3
+    return RGB_MEAN + (EXTRA_MEAN,) * extra, RGB_STD + (EXTRA_STD,) * extra
+
+
 @lru_cache(maxsize=8)
 def normalisation(channels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std (1, C, 1, 1) on the device, made once: building them every batch
-    would be a blocking host-to-device copy per step."""
-    mean = torch.tensor(RGB_MEAN + (EXTRA_MEAN,) * (channels - 3), device=device)
-    std = torch.tensor(RGB_STD + (EXTRA_STD,) * (channels - 3), device=device)
+    """``normalisation_values`` as (1, C, 1, 1) tensors on the device, made once: building them
+    every batch would be a blocking host-to-device copy per step."""
+    mean, std = (torch.tensor(v, device=device) for v in normalisation_values(channels))
     return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
 
 
