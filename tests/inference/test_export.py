@@ -138,12 +138,10 @@ def test_the_paper_network_with_its_gate_and_rules_matches_pytorch_at_full_size(
 @pytest.mark.parametrize(
     ("arch", "modalities", "presence"),
     [
+        # the paper's network and smp's, with fusion and the gate; the other smp decoders go
+        # through the same SmpNet wrapper (cut from the suite for its time: ~10 s each)
         ("paper", ["visible", "ir", "uv"], False),
         ("unet-resnet18", ["visible", "ir"], True),
-        ("unetplusplus-resnet18", ["visible"], False),
-        ("fpn-resnet18", ["visible", "ir"], False),
-        ("linknet-resnet18", ["visible", "ir", "uv"], True),
-        ("deeplabv3plus-resnet18", ["visible", "ir"], False),
     ],
 )
 def test_every_arch_and_fusion_exports_with_dynamic_batch_and_size(
