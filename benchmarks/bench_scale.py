@@ -6,6 +6,7 @@ epoch of the training data pipeline, ``evaluate``, ``figures`` and ``predict``; 
 
     python benchmarks/bench_scale.py                 # the real sizes: ~2 h on 2 cores (below)
     python benchmarks/bench_scale.py --stages train,resume --sizes 1000,12568   # again, merged
+    python benchmarks/bench_scale.py --failed             # the stages whose rows have an error
     python benchmarks/bench_scale.py --sizes 40,160 --height 64 --width 320 --crop 64x160 \
         --val-images 4 --predict-images 16 --test-images 80 --json /tmp/scale_smoke.json
 
@@ -19,7 +20,8 @@ run (``upload_s`` in the JSON, not a stage). Runs go to a new folder each time
 (``work-<date>/runs`` in the cache, deleted at the end unless ``--keep-runs``; the logs stay),
 so a first train always meets a data set never checked. The JSON is written after every stage;
 a rerun replaces the rows of the stages and sizes it measures and keeps the others
-(``--fresh``: none). A stage that fails is a row with its ``error``; the others still run.
+(``--fresh``: none). A stage that fails is a row with its ``error`` (the line of its output
+that says why, and its log); the others still run, and ``--failed`` runs those rows again.
 
 Each stage runs as a user runs it, ``python -m steelseg ...`` in a process of its own (the
 pipeline: this script, ``--pipeline-epoch``), with a Ray temp folder of its own (``RAY_TMPDIR``:
@@ -69,6 +71,7 @@ smaller sets, ``--predict-images 100`` and ``--test-images 1000`` a few minutes 
 """
 
 import argparse
+import codecs
 import contextlib
 import json
 import os
@@ -108,7 +111,7 @@ MARKS = {
     "first_step_s": re.compile(r"\] 1/\d+ loss"),
     "ray_up_s": re.compile(r"started a local Ray"),
 }
-REQUEST = re.compile(r"\b(?:GET|PUT|HEAD|POST|DELETE) /")  # moto colours some lines
+REQUEST = re.compile(r"(?:GET|PUT|HEAD|POST|DELETE) /\S* HTTP/")  # moto colours some lines
 # predict with Ray Data's stats of every operator printed at the end (Ray prints the last one's)
 PREDICT_WITH_STATS = """\
 import functools, logging, sys
@@ -143,6 +146,19 @@ STAGE_COLUMNS = {
 
 class StageError(Exception):
     """A stage's command failed: its exit status and the end of its output."""
+
+
+EXCEPTION = re.compile(r"[\w.]+(?:Error|Exception): ")
+
+
+def last_error(output: str) -> str:
+    """The line of a command's output that says what went wrong: its last error line (steelseg's
+    own, or an exception's), else its last line."""
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", output)  # colours
+    lines = [" ".join(line.split()) for line in re.split(r"[\r\n]", plain) if line.strip()]
+    ours = [line for line in lines if line.startswith("steelseg: error")]
+    raised = [line for line in lines if EXCEPTION.match(line)]
+    return ((ours or raised or lines or [""])[-1])[:300]
 
 
 # --- a process tree, sampled -------------------------------------------------------------------
@@ -327,7 +343,7 @@ class Output:
         self.thread.start()
 
     def _read(self) -> None:
-        pending = ""
+        pending, decoder = "", codecs.getincrementaldecoder("utf-8")("replace")
         with open(self.log, "ab") as out:
             while True:
                 try:
@@ -338,11 +354,11 @@ class Output:
                     return
                 out.write(chunk)
                 out.flush()
-                text = pending + chunk.decode("utf-8", "replace")
-                *segments, pending = re.split(r"[\r\n]", text)
+                text = decoder.decode(chunk)
+                self.tail = (self.tail + text)[-4096:]
+                *segments, pending = re.split(r"[\r\n]", pending + text)
                 for segment in segments:
                     self._note(segment)
-                self.tail = (self.tail + text)[-4096:]
 
     def _note(self, segment: str) -> None:
         for name, pattern in MARKS.items():
@@ -482,6 +498,7 @@ class Settings:
     timeout_s: float
     keep_runs: bool
     fresh: bool
+    failed: bool
 
 
 @dataclass
@@ -498,6 +515,8 @@ class Bench:
         self.runs.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
         self.full: Path | None = None
+        self.made: dict[int, dict] = {}  # synth rows timed in this run, by N
+        self.sizes = sorted(set(self.settings.sizes))  # and those of the rows kept from before
         self.bucket_runs = f"runs-{self.work.name}"
 
     # --- plan --------------------------------------------------------------------------------
@@ -520,8 +539,17 @@ class Bench:
         return steps
 
     def run(self) -> None:
+        earlier = self.earlier_rows()
         steps = self.plan()
-        self.keep_earlier_rows(steps)
+        if self.settings.failed:
+            failed = {(r["stage"], r["n"]) for r in earlier if r.get("error")}
+            steps = [step for step in steps if step in failed]
+            if not steps:
+                print("no failed stage to run again")
+                return
+        self.rows = [r for r in earlier if (r["stage"], r["n"]) not in set(steps)]
+        if self.rows:
+            print(f"kept {len(self.rows)} rows of {self.settings.json} not run again")
         needed = max(n for _, n in steps)
         print(f"{len(steps)} stage runs; cache {self.cache}; output of each in {self.logs}")
         try:
@@ -536,23 +564,23 @@ class Bench:
             self.save()
         self.report()
 
-    def keep_earlier_rows(self, steps: list[tuple[str, int]]) -> None:
-        path = Path(self.settings.json)
-        path = RESULTS / path if path.parent == Path(".") else path
-        if self.settings.fresh or not path.is_file():
-            return
-        earlier = json.loads(path.read_text())
+    def earlier_rows(self) -> list[dict]:
+        """The rows already in ``--json`` (of the same image size and crop), their sizes kept
+        for the targets."""
         s = self.settings
+        path = Path(s.json)
+        path = RESULTS / path if path.parent == Path(".") else path
+        if s.fresh or not path.is_file():
+            return []
+        earlier = json.loads(path.read_text())
         if (earlier.get("size"), earlier.get("crop")) != (
             f"{s.height}x{s.width}",
             f"{s.crop[0]}x{s.crop[1]}",
         ):
             print(f"{path.name} holds rows of another image size or crop: replaced")
-            return
-        planned = set(steps)
-        self.rows = [r for r in earlier["rows"] if (r["stage"], r["n"]) not in planned]
-        if self.rows:
-            print(f"kept {len(self.rows)} rows of {path.name} ({earlier['date']}) not run again")
+            return []
+        self.sizes = sorted(set(self.sizes) | set(earlier.get("sizes", [])))
+        return earlier["rows"]
 
     def measure(self, stage: str, n: int) -> None:
         print(f"\n[{time.strftime('%H:%M:%S')}] {stage}, {n:,} images", flush=True)
@@ -563,7 +591,7 @@ class Bench:
             rows = [{"stage": stage, "variant": "", "n": n, "error": message}]
         self.rows += rows
         columns = COLUMNS[:-1] + STAGE_COLUMNS.get(stage, []) + COLUMNS[-1:]
-        print(table(rows, [c for c in columns if any(r.get(c) is not None for r in rows)]))
+        print(table(shown(rows), [c for c in columns if any(r.get(c) is not None for r in rows)]))
         self.save()
 
     def save(self) -> None:
@@ -573,20 +601,21 @@ class Bench:
             s.json,
             size=f"{s.height}x{s.width}",
             crop=f"{s.crop[0]}x{s.crop[1]}",
-            sizes=s.sizes,
+            sizes=self.sizes,
             upload_s=self.upload_s,
-            targets=targets(self.rows, s.sizes),
+            targets=targets(self.rows, self.sizes),
             cores_per_gpu=cores_per_gpu(self.rows),
         )
 
     def report(self) -> None:
         rows = sorted(self.rows, key=lambda r: (STAGES.index(r["stage"]), r["n"]))
-        print("\n" + table(rows, [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]))
+        columns = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
+        print("\n" + table(shown(rows), columns))
         for stage, extra in STAGE_COLUMNS.items():
             own = [r for r in rows if r["stage"] == stage and not r.get("error")]
             if own:
                 print("\n" + table(own, ["stage", "variant", "n", *extra]))
-        print("\n" + table(targets(self.rows, self.settings.sizes), ["target", "measured", "met"]))
+        print("\n" + table(targets(self.rows, self.sizes), ["target", "measured", "met"]))
         feeding = cores_per_gpu(self.rows)
         if feeding:
             print(
@@ -611,7 +640,7 @@ class Bench:
                 return folder
         folder = self.cache / f"full-{needed}"
         print(f"data set: making {needed:,} images in {folder} (steelseg synth, once)", flush=True)
-        self.synth_timing(needed, folder)
+        self.made[needed] = self.synth_timing(needed, folder)
         return folder
 
     def data(self, n: int) -> Path:
@@ -658,7 +687,8 @@ class Bench:
         finally:
             shutil.rmtree(ray_tmp, ignore_errors=True)
         if ran.returncode != 0:
-            raise StageError(f"exit status {ran.returncode} ({ran.log}): {ran.tail[-600:]}")
+            output = ran.log.read_text(errors="replace")[-65536:]
+            raise StageError(f"exit status {ran.returncode}: {last_error(output)} ({ran.log})")
         return ran
 
     def row(self, stage: str, n: int, ran: Ran, variant: str = "", **more) -> dict:
@@ -726,7 +756,7 @@ class Bench:
         return row
 
     def stage_synth(self, n: int) -> list[dict]:
-        return [self.synth_timing(n)]
+        return [self.made.get(n) or self.synth_timing(n)]
 
     def stage_validate(self, n: int) -> list[dict]:
         data = self.data(n)
@@ -778,6 +808,8 @@ class Bench:
         for variant in ("first", "checked"):
             flags = self.train_flags(n, data, storage, f"n{n}-{variant}")
             rows.append(self.train_run("train-bucket", n, flags, storage, variant, f"data/n{n}/"))
+        for variant in ("first", "checked"):  # their checkpoints: the store holds all in memory
+            delete_prefix(self.bucket(), f"{self.bucket_runs}/n{n}-{variant}/")
         return rows
 
     def stage_resume(self, n: int) -> list[dict]:
@@ -843,7 +875,7 @@ class Bench:
         if run.is_dir():
             args += ["--run", str(run)]
         ran = self.steelseg(f"figures-{n}", args)
-        return [self.row("figures", n, ran, "with run" if run.is_dir() else "")]
+        return [self.row("figures", n, ran, run=run.is_dir())]
 
     def checkpoint(self) -> Path:
         """An untrained checkpoint of the default network (the time does not depend on the
@@ -872,6 +904,11 @@ class Bench:
         return [self.row("predict", n, ran, images_per_s=rate, **parts)]
 
 
+def shown(rows: list[dict]) -> list[dict]:
+    """Rows as the console shows them: an error cut to its first 100 characters."""
+    return [{**r, "error": r["error"][:100]} if r.get("error") else r for r in rows]
+
+
 def upload(store, folder: Path, prefix: str) -> None:
     """Every file of ``folder`` to ``prefix`` in the store, 8 at a time."""
     files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
@@ -882,6 +919,16 @@ def upload(store, folder: Path, prefix: str) -> None:
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(put, files))
+
+
+def delete_prefix(store, prefix: str) -> None:
+    pages = store.client.get_paginator("list_objects_v2").paginate(
+        Bucket=store.bucket, Prefix=prefix
+    )
+    for page in pages:
+        keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+        if keys:
+            store.client.delete_objects(Bucket=store.bucket, Delete={"Objects": keys})
 
 
 # --- targets -------------------------------------------------------------------------------------
@@ -1072,6 +1119,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds a command may take")
     parser.add_argument("--keep-runs", action="store_true", help="keep the runs' folder")
     parser.add_argument("--fresh", action="store_true", help="drop the rows already in --json")
+    parser.add_argument(
+        "--failed", action="store_true", help="run only the stages whose row in --json failed"
+    )
     parser.add_argument("--pipeline-epoch", metavar="DATA", help=argparse.SUPPRESS)
     parser.add_argument("--grey", action=argparse.BooleanOptionalAction, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -1088,7 +1138,7 @@ def main() -> None:
         crop=args.crop, stages=stages, predict_images=args.predict_images,
         test_images=args.test_images, val_images=args.val_images, batch=args.batch,
         cache=Path(os.path.expanduser(args.cache or default_cache)), json=args.json,
-        timeout_s=args.timeout, keep_runs=args.keep_runs, fresh=args.fresh,
+        timeout_s=args.timeout, keep_runs=args.keep_runs, fresh=args.fresh, failed=args.failed,
     )  # fmt: skip
     Bench(settings).run()
 
