@@ -212,7 +212,6 @@ class Watcher:
         self.rchar: dict[int, int] = {}
         self.cpu: dict[int, float] = {}
         self.workers_kb = 0
-        self.names: dict[int, str] = {}
         self.plasma: dict[int, str] = {}  # raylet pid -> its plasma file's /proc fd path
         self.store_bytes = self.spilled_bytes = 0
         self.stop = threading.Event()
@@ -247,6 +246,8 @@ class Watcher:
             try:
                 memory = proc_fields(pid, "status", ("VmRSS", "VmHWM"))
                 reads = proc_fields(pid, "io", ("rchar",))
+                if pid != self.root and pid not in self.plasma:
+                    self._find_plasma(pid)
             except OSError:  # ended meanwhile
                 continue
             self.hwm_kb[pid] = max(self.hwm_kb.get(pid, 0), memory.get("VmHWM", 0))
@@ -254,7 +255,6 @@ class Watcher:
             self.cpu[pid] = processes[pid][2]
             if pid != self.root:
                 summed += memory.get("VmRSS", 0)
-                self._find_plasma(pid)
         self.workers_kb = max(self.workers_kb, summed)
         for fd in list(self.plasma.values()):
             with contextlib.suppress(OSError):
@@ -263,10 +263,9 @@ class Watcher:
             self.spilled_bytes = max(self.spilled_bytes, spilled(self.ray_tmp))
 
     def _find_plasma(self, pid: int) -> None:
-        """The raylet's plasma file, once it has one (the store lives in the raylet)."""
-        if pid not in self.names:
-            self.names[pid] = Path(f"/proc/{pid}/comm").read_text().strip()
-        if pid in self.plasma or self.names[pid] != "raylet":
+        """The raylet's plasma file, once it has one (the store lives in the raylet). The name
+        is read each time: a process just forked still has its parent's."""
+        if Path(f"/proc/{pid}/comm").read_text().strip() != "raylet":
             return
         for fd in os.listdir(f"/proc/{pid}/fd"):
             with contextlib.suppress(OSError):
