@@ -38,8 +38,9 @@ a new local Ray), and its process tree is sampled every 0.25 s from /proc. The c
   summed RSS of its descendants (Ray's gcs_server, raylet, agents and workers; the pages of
   shared libraries count once per process); the JSON also has the largest one (``largest_mb``).
 - ``store_mb``: the object store's resident size, the allocated blocks of the raylet's plasma
-  file in /dev/shm: pages once written stay allocated, so it is the peak. ``spilled_mb`` (JSON):
-  the peak size of the session's ``ray_spilled_objects*`` folders.
+  file in /dev/shm (sampled every 0.05 s: a run may write its last objects just before Ray
+  ends); pages once written stay allocated, so it is the peak. ``spilled_mb`` (JSON): the peak
+  size of the session's ``ray_spilled_objects*`` folders.
 - ``read_mb``: bytes the tree read with read() (``rchar``: page-cache hits, and each Python
   process's imports, some 50-300 MB). ``requests``: requests to the store naming the data set
   (moto's log). ``full_checks``: ``data_check.json`` files written during the stage, i.e. data
@@ -100,7 +101,7 @@ STAGES = (
     "pipeline", "evaluate", "figures", "predict",
 )  # fmt: skip
 ANY_SIZE = {"evaluate", "figures"}  # also run at --test-images
-SAMPLE_S = 0.25
+SAMPLE_S, STORE_SAMPLE_S = 0.25, 0.05
 # the issue's bound for 12,568 images against 1,000 (13x), for any pair of sizes
 LINEAR_SLACK = 13 / 12.568
 FIRST_STEP_LOCAL_S, FIRST_STEP_BUCKET_S, VALIDATE_S = 60.0, 120.0, 180.0
@@ -212,7 +213,7 @@ class Watcher:
         self.rchar: dict[int, int] = {}
         self.cpu: dict[int, float] = {}
         self.workers_kb = 0
-        self.plasma: dict[int, str] = {}  # raylet pid -> its plasma file's /proc fd path
+        self.raylets: set[int] = set()  # the object store lives in the raylet
         self.store_bytes = self.spilled_bytes = 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="watcher", daemon=True)
@@ -226,12 +227,16 @@ class Watcher:
         self.thread.join()
 
     def _run(self) -> None:
-        count = 0
+        """The object store every STORE_SAMPLE_S (a run's last objects may be written just
+        before Ray ends), the rest every SAMPLE_S, the spill folders every 4 x SAMPLE_S."""
+        count, every = 0, round(SAMPLE_S / STORE_SAMPLE_S)
         while True:
             with contextlib.suppress(OSError, ValueError, IndexError):
-                self.sample(spill=count % 4 == 0)
+                if count % every == 0:
+                    self.sample(spill=count % (4 * every) == 0)
+                self.sample_store()
             count += 1
-            if self.stop.wait(SAMPLE_S):
+            if self.stop.wait(STORE_SAMPLE_S):
                 return
 
     def sample(self, spill: bool) -> None:
@@ -246,8 +251,8 @@ class Watcher:
             try:
                 memory = proc_fields(pid, "status", ("VmRSS", "VmHWM"))
                 reads = proc_fields(pid, "io", ("rchar",))
-                if pid != self.root and pid not in self.plasma:
-                    self._find_plasma(pid)
+                if pid != self.root and pid not in self.raylets and is_raylet(pid):
+                    self.raylets.add(pid)
             except OSError:  # ended meanwhile
                 continue
             self.hwm_kb[pid] = max(self.hwm_kb.get(pid, 0), memory.get("VmHWM", 0))
@@ -256,22 +261,13 @@ class Watcher:
             if pid != self.root:
                 summed += memory.get("VmRSS", 0)
         self.workers_kb = max(self.workers_kb, summed)
-        for fd in list(self.plasma.values()):
-            with contextlib.suppress(OSError):
-                self.store_bytes = max(self.store_bytes, os.stat(fd).st_blocks * 512)
         if spill:
             self.spilled_bytes = max(self.spilled_bytes, spilled(self.ray_tmp))
 
-    def _find_plasma(self, pid: int) -> None:
-        """The raylet's plasma file, once it has one (the store lives in the raylet). The name
-        is read each time: a process just forked still has its parent's."""
-        if Path(f"/proc/{pid}/comm").read_text().strip() != "raylet":
-            return
-        for fd in os.listdir(f"/proc/{pid}/fd"):
+    def sample_store(self) -> None:
+        for pid in self.raylets:
             with contextlib.suppress(OSError):
-                if "/plasma" in os.readlink(f"/proc/{pid}/fd/{fd}"):
-                    self.plasma[pid] = f"/proc/{pid}/fd/{fd}"
-                    return
+                self.store_bytes = max(self.store_bytes, plasma_bytes(pid))
 
     def usage(self) -> dict:
         mb = 1 / 1024
@@ -280,12 +276,27 @@ class Watcher:
             "driver_mb": round(self.hwm_kb.get(self.root, 0) * mb),
             "workers_mb": round(self.workers_kb * mb),
             "largest_mb": round(max(workers, default=0) * mb),
-            "store_mb": round(self.store_bytes / 2**20, 1) if self.plasma else None,
-            "spilled_mb": round(self.spilled_bytes / 2**20, 1) if self.plasma else None,
+            "store_mb": round(self.store_bytes / 2**20, 1) if self.raylets else None,
+            "spilled_mb": round(self.spilled_bytes / 2**20, 1) if self.raylets else None,
             "read_mb": round(sum(self.rchar.values()) / 2**20),
             "cpu_s": round(sum(self.cpu.values()), 1),
             "processes": len(self.seen),
         }
+
+
+def is_raylet(pid: int) -> bool:
+    """Read each time it is asked: a process just forked still has its parent's name."""
+    return Path(f"/proc/{pid}/comm").read_text().strip() == "raylet"
+
+
+def plasma_bytes(pid: int) -> int:
+    """The allocated bytes of the plasma file the raylet ``pid`` maps (the object store's
+    pages written so far: they stay allocated), 0 before it maps one. Found through the mapping,
+    which outlives the file's descriptor."""
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        if "/plasma" in line:
+            return os.stat(f"/proc/{pid}/map_files/{line.split()[0]}").st_blocks * 512
+    return 0
 
 
 def spilled(ray_tmp: Path) -> int:
