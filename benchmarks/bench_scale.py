@@ -63,12 +63,14 @@ storage (headers only); ``resume`` reruns ``checked`` with ``--epochs 2 --max-st
 sweep (2 trials of 1 step) runs after them, on the same storage. The page cache is warm for
 every stage but synth. Each command's output is in ``work-<date>/logs/`` in the cache.
 
-Time on this 2-core machine, first run (from the smoke run and per-image costs): synth ~30
-min (12,568 images, and 1,000 and 4,000 timed apart; later runs reuse it), each N's train,
-train-bucket, resume and sweep ~15 min (mostly fixed costs), validate, pipeline and evaluate ~1
-min per 1,000 images together, the upload ~5 min, predict ~4 min at 2.3 images/s (bf16 with
-AMX; ~3x longer without): about 2 h in all. ``--stages`` without ``synth`` saves the two timed
-smaller sets, ``--predict-images 100`` and ``--test-images 1000`` a few minutes more.
+Time on this 2-core machine (estimated from the smoke run and per-image costs at 256x1600):
+synth ~25 min on the first run only (12,568 images at ~12/s, and 1,000 and 4,000 timed apart);
+train, train-bucket, resume and sweep ~12 min per N, mostly fixed costs (Ray and Train start,
+validation, calibration); evaluate ~60 ms an image, ~23 min over 1,000, 4,000, 5,506 and 12,568;
+validate, the upload and the pipeline ~15 min together; predict ~4 min (2.3 images/s in bf16 on
+AMX; ~3x longer without): about 2 h, 1.5 h once the data set is cached. Trim with ``--stages``
+(without ``synth``: the smaller sets are not timed; evaluate and figures apart, at fewer
+``--sizes``), ``--test-images`` and ``--predict-images``.
 """
 
 import argparse
