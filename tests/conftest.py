@@ -45,6 +45,7 @@ class S3Store:
 
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log = log  # a line per request, as moto_server logs them
         binary = str(Path(sys.executable).with_name("moto_server"))
         with open(log, "w") as out:
             self.process = subprocess.Popen(
