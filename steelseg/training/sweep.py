@@ -182,10 +182,12 @@ def sweep(
     init_ray(max(needed, local_cpus(base, space, num_samples)))  # attached: a cluster's own
     check_resources(base, max_concurrent)
     check_paths_on_nodes(base)
-    # the images are decoded in full once here, not once a trial
+    # the images are decoded in full once here, not once a trial, and not at all when a run in
+    # the same storage checked this listing already (its data_checks/)
     data = data_folder(base)
+    shared = runs.data_checks_dir(base.storage_path, data.target, base.modalities)
     checked_table(
-        base, data, catalog.inspect_many if data.local else inspect_on_nodes, (sweep_dir,)
+        base, data, catalog.inspect_many if data.local else inspect_on_nodes, (sweep_dir, shared)
     )
     # The trial function only drives its TorchTrainer, whose workers reserve their own CPUs.
     # It takes no CPU: a fraction would leave each node with less than the one whole CPU a
