@@ -56,7 +56,7 @@ class CatalogBatches(torch.utils.data.Dataset):
         columns = ["image_id", *path_columns(config.modalities), *RLE_COLUMNS]
         self.columns = {c: rows[c].to_numpy() for c in columns}
         self.columns["sample"] = rows.index.to_numpy()
-        self.config, self.grey, self.epoch = config, grey, 0
+        self.config, self.grey = config, grey
 
     def __len__(self) -> int:
         return len(self.columns["image_id"])
