@@ -34,6 +34,12 @@ GROUPS = {
 }
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 DICE_OVER = ("pair", "batch")
+# `steelseg tune`'s search space when no --search-space is given: config key -> {sampler: args}
+DEFAULT_SPACE = {
+    "lr": {"loguniform": [1e-4, 3e-3]},
+    "bce_weight": {"uniform": [0.25, 1.0]},
+    "dice_weight": {"uniform": [0.0, 1.0]},
+}
 
 
 def setting(default: Any, help: str, group: str) -> Any:

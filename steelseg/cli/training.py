@@ -101,12 +101,10 @@ def tensorboard_command(place) -> str:
 
 
 def tune_arguments(p: argparse.ArgumentParser) -> None:
-    from steelseg.training.sweep import DEFAULT_SPACE
-
     sweep = p.add_argument_group("sweep")
     sweep.add_argument(
         "--search-space",
-        help=f"YAML file: config key -> {{sampler: [args]}} (default: {DEFAULT_SPACE})",
+        help=f"YAML file: config key -> {{sampler: [args]}} (default: {run_config.DEFAULT_SPACE})",
     )
     sweep.add_argument("--num-samples", type=int, default=8, help="trials (default: 8)")
     sweep.add_argument(
@@ -133,7 +131,9 @@ def tune(args: argparse.Namespace) -> int:
     base = run_config.from_args(args)
     if args.max_epochs:
         base = base.replace(epochs=args.max_epochs)
-    space = sweep.read_space_file(args.search_space) if args.search_space else sweep.DEFAULT_SPACE
+    space = (
+        sweep.read_space_file(args.search_space) if args.search_space else run_config.DEFAULT_SPACE
+    )
     result = sweep.sweep(
         base,
         space,

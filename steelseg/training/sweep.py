@@ -38,11 +38,6 @@ from steelseg.training.fit import (
     inspect_on_nodes,
 )
 
-DEFAULT_SPACE = {
-    "lr": {"loguniform": [1e-4, 3e-3]},
-    "bce_weight": {"uniform": [0.25, 1.0]},
-    "dice_weight": {"uniform": [0.0, 1.0]},
-}
 SAMPLERS = {
     "loguniform": tune.loguniform,
     "uniform": tune.uniform,
