@@ -164,6 +164,25 @@ def area(rle: str, height: int, width: int) -> int:
     return int(run_lengths(rle, height, width)[1::2].sum())
 
 
+def runs(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (starts, ends) pixel offsets, ends exclusive, of ``run_lengths``' runs."""
+    bounds = np.cumsum(lengths)
+    return bounds[0:-1:2], bounds[1::2]
+
+
+def overlap(a: np.ndarray, b: np.ndarray) -> int:
+    """Pixels inside both of two masks given as ``run_lengths`` of the same image, without
+    decoding either: a sweep over the runs' ends, O(runs log runs)."""
+    (a_start, a_end), (b_start, b_end) = runs(a), runs(b)
+    if not a_start.size or not b_start.size:
+        return 0
+    points = np.concatenate([a_start, a_end, b_start, b_end])
+    steps = np.repeat(np.array([1, -1, 1, -1], np.int64), [a_start.size] * 2 + [b_start.size] * 2)
+    order = np.argsort(points, kind="stable")
+    inside = np.cumsum(steps[order])[:-1]  # masks covering each gap between sorted points
+    return int(np.diff(points[order])[inside == 2].sum())
+
+
 def encode(mask: np.ndarray) -> str:
     """Encode an (H, W) mask (nonzero = inside) as an EncodedPixels string; '' when empty."""
     if mask.ndim != 2:

@@ -80,7 +80,12 @@ class DiceCounts:
 
     def update(self, pred: torch.Tensor, true: torch.Tensor) -> None:
         """Add a batch of binary masks, shape (N, C, H, W)."""
-        intersection, pred_sum, true_sum = pair_sums(pred, true)
+        self.add_pairs(*pair_sums(pred, true))
+
+    def add_pairs(
+        self, intersection: torch.Tensor, pred_sum: torch.Tensor, true_sum: torch.Tensor
+    ) -> None:
+        """Add pairs given by their pixel counts, each (N, C) float64 (``pair_sums``' output)."""
         dice = pair_dice(intersection, pred_sum, true_sum)
         nonempty = true_sum > 0
         pred_present = pred_sum > 0

@@ -157,3 +157,14 @@ def test_decode_bits_sets_one_bit_a_class_where_decode_classes_has_its_mask(real
 def test_decode_bits_names_the_bad_class():
     with pytest.raises(RLEError, match="image x.jpg class 4: odd"):
         rle.decode_bits(["", "", "", "3"], 4, 4, image_id="x.jpg")
+
+
+@settings(max_examples=200, deadline=None)
+@given(masks(30, 3))
+def test_overlap_of_runs_counts_the_pixels_both_masks_cover(pair):
+    """Two masks drawn from one array's bits: any shapes, touching and nested runs."""
+    a, b = pair & 1, pair >> 1
+    runs_a, runs_b = (rle.run_lengths(rle.encode(m), *m.shape) for m in (a, b))
+    assert rle.overlap(runs_a, runs_b) == int((a & b).sum())
+    assert rle.overlap(runs_b, runs_a) == int((a & b).sum())
+    assert rle.overlap(runs_a, runs_a) == int(a.sum()) == int(runs_a[1::2].sum())

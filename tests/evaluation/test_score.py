@@ -119,3 +119,29 @@ def test_a_submission_naming_an_image_in_another_case_says_so(real_dir, tmp_path
         f"steelseg: error: {submission}: no rows for 1 image(s) of {real_dir / 'train_images'}, "
         f"e.g. {names[0]} (its {other} differs only in case)\n"
     )
+
+
+def test_a_partly_right_submission_scores_as_the_decoded_masks_do(real_dir, tmp_path):
+    """Scoring works on the runs; the Dice of each pair must equal the decoded masks' Dice."""
+    import torch
+
+    from steelseg.data import rle
+    from steelseg.evaluation.metrics import DiceCounts
+    from steelseg.evaluation.score import read_rows, score_submission
+
+    images = real_dir / "train_images"
+    names = catalog.list_images(images)
+    rows = read_rows(real_dir / "train.csv")
+    true = {n: rle.decode_classes([rows.get(n, {})[c].rle if c in rows.get(n, {}) else ""
+                                   for c in range(1, 5)], 256, 1600) for n in names}  # fmt: skip
+    pred = {n: np.roll(m, (3 + i, 40 * i), axis=(1, 2)) for i, (n, m) in enumerate(true.items())}
+    pred[names[0]][2, :100, :100] = 1  # a false positive where the truth may be empty
+    strings = {n: {c: rle.encode(m[c - 1]) for c in range(1, 5)} for n, m in pred.items()}
+    scores = score_submission(
+        real_dir / "train.csv", images, write_submission(tmp_path / "s.csv", strings, names)
+    )
+    expected = DiceCounts()
+    for n in names:
+        expected.update(torch.from_numpy(pred[n][None]), torch.from_numpy(true[n][None]))
+    assert 0.1 < scores.kaggle_dice < 0.99
+    np.testing.assert_equal(scores.as_dict(), expected.compute().as_dict())  # NaN == NaN
