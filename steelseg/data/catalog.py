@@ -363,9 +363,11 @@ def load(
     report=print,
     decode_images: bool = True,
     inspect: Inspect = inspect_many,
+    dropped: list[str] | None = None,
 ) -> pd.DataFrame:
     """The table of a data set for training: fails on any problem unless ``drop_bad``.
     ``decode_images=False`` checks image headers only (fast; a truncated JPEG goes unseen).
+    ``dropped`` collects the images of the folder that ``drop_bad`` leaves out.
 
     Raises:
         DataProblems: the data set has problems and ``drop_bad`` is off; its message lists
@@ -382,6 +384,8 @@ def load(
     if None in bad:
         raise DataProblems([p for p in problems if p.image_id is None])
     keep = ~table["image_id"].isin(bad)
+    if dropped is not None:
+        dropped += list(table.loc[~keep, "image_id"])
     report(
         f"dropped {int((~keep).sum())} of {len(table)} images for {len(problems)} problems "
         f"(steelseg validate {data_dir} lists them)"

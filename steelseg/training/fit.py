@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import ray.exceptions
 from ray.train import (
     CheckpointConfig,
     FailureConfig,
@@ -131,6 +132,7 @@ def checked_table(
         ),
         None,
     )
+    dropped: list[str] = []
     table = catalog.load(
         data,
         modalities=config.modalities,
@@ -138,6 +140,7 @@ def checked_table(
         report=log.warning,
         decode_images=record is None,
         inspect=inspect,
+        dropped=dropped,
     )
     if record is not None:
         table = table[table["image_id"].isin(set(record["images"]))].reset_index(drop=True)
@@ -145,11 +148,8 @@ def checked_table(
         return table
     grey = bool(len(table)) and bool(table["grey"].all())
     table["grey"] = grey
-    listed = len(catalog.list_images(data / catalog.modality_dir(config.modalities[0])))
     for place in records[:2]:  # the run's, and its storage's for the runs after it
-        runs.write_data_check(
-            place, fingerprint, list(table["image_id"]), listed - len(table), grey
-        )
+        runs.write_data_check(place, fingerprint, list(table["image_id"]), len(dropped), grey)
     return table
 
 
@@ -224,7 +224,7 @@ def fit(
     try:
         with relay or contextlib.nullcontext():
             result = build_trainer(config, train_table, val_table, callbacks, relay).fit()
-    except TrainingFailedError as e:
+    except (TrainingFailedError, ray.exceptions.RayError) as e:  # a RayError: the controller's
         return failed(config, f"training failed: {failure_reason(e)}")
     metrics = dict(result.metrics or {})  # Ray's: the last report with a checkpoint
     history = runs.read_history(config.run_dir)
@@ -276,6 +276,9 @@ def failure_reason(error: BaseException) -> str:
     mine = [e for e in chain if isinstance(e, SteelsegError)]
     if mine:
         return " ".join(str(mine[-1]).split())
+    memory = next((m for e in chain if (m := memory_reason(str(e)))), None)
+    if memory:
+        return memory
     lines = [m.groups() for e in chain for m in EXCEPTION_LINE.finditer(str(e))]
     ours = [message for kind, message in lines if kind.startswith("steelseg.")]
     if ours:
@@ -284,7 +287,26 @@ def failure_reason(error: BaseException) -> str:
         kind, message = lines[0]
         return f"{kind.rsplit('.', 1)[-1]}: {message.strip()}"
     root = chain[-1]
-    return f"{type(root).__name__}: {' '.join(str(root).split())}"
+    first = next((line.strip() for line in str(root).splitlines() if line.strip()), "")
+    return f"{type(root).__name__}: {first}"
+
+
+# Ray's memory monitor's message: "... Memory on the node (IP: ...) where the task (...) was
+# running was 22.10GB / 23.26GB (0.950083), and the memory usage threshold of 0.95 was exceeded."
+MEMORY_USE = re.compile(r"was (\d+(?:\.\d+)?GB / \d+(?:\.\d+)?GB)")
+
+
+def memory_reason(text: str) -> str | None:
+    """One line for a process that Ray's memory monitor killed (an ``OutOfMemoryError``, or an
+    actor that died of it), with the node's memory use; None for any other error."""
+    if "low on memory" not in text and "memory monitor" not in text:
+        return None
+    used = MEMORY_USE.search(text)
+    return (
+        "Ray killed a process because its node ran low on memory"
+        + (f" ({used.group(1)} in use)" if used else "")
+        + ": use a smaller batch_size or fewer workers a node, or nodes with more memory"
+    )
 
 
 def calibrate_on_cluster(checkpoint: Location, use_gpu: bool) -> dict | None:

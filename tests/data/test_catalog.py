@@ -120,9 +120,10 @@ def test_load_fails_with_the_validate_messages_unless_told_to_drop(data_copy):
     with pytest.raises(catalog.DataProblems) as info:
         catalog.load(data_copy)
     assert str(info.value).splitlines() == messages(problems)
-    printed = []
-    table = catalog.load(data_copy, drop_bad=True, report=printed.append)
+    printed, dropped = [], []
+    table = catalog.load(data_copy, drop_bad=True, report=printed.append, dropped=dropped)
     assert len(table) == 59 and bad_image not in set(table["image_id"])
+    assert dropped == [bad_image]
     assert printed == [
         f"dropped 1 of 60 images for 2 problems (steelseg validate {data_copy} lists them)"
     ]

@@ -462,3 +462,41 @@ def test_a_data_set_without_a_defect_is_warned_of_before_training(
         f"warning: {data_copy}: none of the 60 images has a defect (no train.csv row with "
         "EncodedPixels): there is nothing to learn but predicting no defect"
     ]
+
+
+OOM_TEXT = (
+    "Task was killed due to the node running low on memory.\nMemory on the node (IP: 10.0.0.2, "
+    "ID: 1a2b) where the task (actor ID: 3c4d, name=TrainController.__init__, pid=812) was "
+    "running was 22.10GB / 23.26GB (0.950083), and the memory usage threshold of 0.95 was "
+    "exceeded. Ray killed this worker (ID: 5e6f) because it was the most recently scheduled."
+)
+
+
+def test_a_run_whose_controller_ray_kills_for_memory_fails_with_one_line(
+    synth_dir, tmp_path, monkeypatch
+):
+    """Ray's memory monitor ends the Train controller: ``fit`` raises no traceback, it returns
+    the run as failed, with the node's memory figures on one line."""
+    from ray.exceptions import ActorDiedError, OutOfMemoryError
+
+    from steelseg.config import TrainConfig
+    from steelseg.training.fit import failure_reason
+
+    fitting = fake_fit(monkeypatch)
+
+    def killed(self):
+        raise OutOfMemoryError(OOM_TEXT)
+
+    monkeypatch.setattr(FakeTrainer, "fit", killed)
+    config = TrainConfig(data=str(synth_dir), storage=str(tmp_path), calibrate=False)
+    result = fitting.fit(config)
+    reason = str(result.error)
+    assert reason == (
+        "training failed: Ray killed a process because its node ran low on memory "
+        "(22.10GB / 23.26GB in use): use a smaller batch_size or fewer workers a node, or nodes "
+        "with more memory"
+    )
+    assert result.best_checkpoint is None and "\n" not in reason
+    # an actor that died another way: its message's first line
+    died = ActorDiedError()
+    assert failure_reason(died) == f"ActorDiedError: {str(died).splitlines()[0].strip()}"
