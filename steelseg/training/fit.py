@@ -305,7 +305,7 @@ def memory_reason(text: str) -> str | None:
     return (
         "Ray killed a process because its node ran low on memory"
         + (f" ({used.group(1)} in use)" if used else "")
-        + ": use a smaller batch_size or fewer workers a node, or nodes with more memory"
+        + ": lower --batch-size or give each worker more of a node (--cpus-per-worker)"
     )
 
 

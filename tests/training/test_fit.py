@@ -493,8 +493,8 @@ def test_a_run_whose_controller_ray_kills_for_memory_fails_with_one_line(
     reason = str(result.error)
     assert reason == (
         "training failed: Ray killed a process because its node ran low on memory "
-        "(22.10GB / 23.26GB in use): use a smaller batch_size or fewer workers a node, or nodes "
-        "with more memory"
+        "(22.10GB / 23.26GB in use): lower --batch-size or give each worker more of a node "
+        "(--cpus-per-worker)"
     )
     assert result.best_checkpoint is None and "\n" not in reason
     # an actor that died another way: its message's first line
