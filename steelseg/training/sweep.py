@@ -133,10 +133,18 @@ def run_trial(params: dict[str, Any], base: dict, sweep_dir: str) -> None:
     config = TrainConfig.from_dict(base).replace(
         **params, storage=runs.trials_dir(sweep_dir).target, name=trial, calibrate=False
     )
-    checks = (locate(sweep_dir, "sweep"),)  # where the sweep recorded its check of the data
+    checks = trial_checks(TrainConfig.from_dict(base), sweep_dir)
     result = fit(config, callbacks=[TuneReportCallback()], checks=checks)
     if result.error:
         raise result.error  # Tune marks the trial ERRORED; a restore reruns it
+
+
+def trial_checks(base: TrainConfig, sweep_dir: str | Location) -> tuple[Location, ...]:
+    """Where a trial looks for the data set's check: the sweep's folder, where the sweep's
+    driver records a check it made, and the sweep's storage's ``data_checks/``, whose record
+    of an earlier run the driver trusted without copying it."""
+    shared = runs.data_checks_dir(base.storage_path, data_folder(base).target, base.modalities)
+    return locate(sweep_dir, "sweep"), shared
 
 
 def check_resources(base: TrainConfig, max_concurrent: int) -> None:
@@ -180,9 +188,11 @@ def sweep(
     # the images are decoded in full once here, not once a trial, and not at all when a run in
     # the same storage checked this listing already (its data_checks/)
     data = data_folder(base)
-    shared = runs.data_checks_dir(base.storage_path, data.target, base.modalities)
     checked_table(
-        base, data, catalog.inspect_many if data.local else inspect_on_nodes, (sweep_dir, shared)
+        base,
+        data,
+        catalog.inspect_many if data.local else inspect_on_nodes,
+        trial_checks(base, sweep_dir),
     )
     # The trial function only drives its TorchTrainer, whose workers reserve their own CPUs.
     # It takes no CPU: a fraction would leave each node with less than the one whole CPU a

@@ -323,6 +323,28 @@ def test_a_sweeps_trials_trust_its_check_and_keep_only_the_images_it_passed(data
         load_split(strict, inspect=inspect, checks=(sweep,))
 
 
+def test_a_sweep_after_a_run_on_its_storage_decodes_nothing_nor_do_its_trials(
+    data_copy, tmp_path
+):
+    """A run checked the data set; a sweep in the same storage trusts that check, and so do
+    its trials, though the sweep made no record of its own."""
+    from steelseg import runs
+    from steelseg.config import TrainConfig
+    from steelseg.training.fit import checked_table, data_folder, load_split
+    from steelseg.training.sweep import trial_checks
+
+    inspect, decoded = spy()
+    run = TrainConfig(data=str(data_copy), storage=str(tmp_path), name="run")
+    load_split(run, inspect=inspect)  # the run: the one full check
+    base = run.replace(name="sweep")
+    sweep_dir = base.resolved().run_dir
+    checked_table(base, data_folder(base), inspect, trial_checks(base, sweep_dir))  # the driver
+    assert runs.read_data_check(sweep_dir) is None  # it trusted the storage's record
+    trial = base.replace(storage=runs.trials_dir(sweep_dir).target, name="t1")
+    train, val = load_split(trial, inspect=inspect, checks=trial_checks(base, sweep_dir))
+    assert decoded == [True, False, False] and len(train) + len(val) == 60
+
+
 def test_a_failed_run_keeps_its_checkpoints_and_names_the_best(tmp_path):
     from steelseg import runs
     from steelseg.config import TrainConfig
