@@ -355,12 +355,23 @@ def read_data_check(place: Where) -> dict | None:
 
 
 def write_data_check(
-    place: Where, fingerprint: str, images: list[str], dropped: int, grey: bool = False
+    place: Where,
+    fingerprint: str,
+    images: list[str],
+    dropped: int,
+    grey: bool = False,
+    size: list[int] | None = None,
 ) -> None:
     """Record that the data set whose listing has ``fingerprint`` was decoded in full, that
-    ``images`` passed and ``dropped`` did not (``--drop-bad``), and whether every visible image
-    that passed is grey (equal channels)."""
-    record = {"fingerprint": fingerprint, "images": list(images), "dropped": dropped, "grey": grey}
+    ``images`` passed and ``dropped`` did not (``--drop-bad``), whether every visible image
+    that passed is grey (equal channels), and their one size ``[height, width]``."""
+    record = {
+        "fingerprint": fingerprint,
+        "images": list(images),
+        "dropped": dropped,
+        "grey": grey,
+        "size": size,
+    }
     (locate(place, "run") / DATA_CHECK_FILE).write_text(json.dumps(record))
 
 

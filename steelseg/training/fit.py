@@ -117,8 +117,9 @@ def checked_table(
     config: TrainConfig, data: Location, inspect: catalog.Inspect, records: tuple[Location, ...]
 ) -> pd.DataFrame:
     """``catalog.load`` of the data set: decoded in full unless one of ``records`` (run or
-    sweep folders) holds a check of this very listing, which is then trusted (headers only,
-    the images that check kept, and whether they are grey); a full check is recorded in
+    sweep folders) holds a check of this very listing, which is then trusted (no image read:
+    the images that check kept, their size, and whether they are grey; a record without the
+    size, from before it was kept, costs each image's header); a full check is recorded in
     ``records[0]`` and ``records[1]``. The table's ``grey`` column is the data set's: True on
     every row when every image is grey."""
     fingerprint = catalog.fingerprint(data, config.modalities)
@@ -132,6 +133,8 @@ def checked_table(
         ),
         None,
     )
+    if record is not None and record.get("size"):
+        inspect = recorded(inspect, record, data, config.modalities)
     dropped: list[str] = []
     table = catalog.load(
         data,
@@ -148,9 +151,33 @@ def checked_table(
         return table
     grey = bool(len(table)) and bool(table["grey"].all())
     table["grey"] = grey
+    sizes = set(zip(table["height"], table["width"]))  # one, unless the table is empty
+    size = [int(v) for v in sizes.pop()] if len(sizes) == 1 else None
     for place in records[:2]:  # the run's, and its storage's for the runs after it
-        runs.write_data_check(place, fingerprint, list(table["image_id"]), len(dropped), grey)
+        runs.write_data_check(place, fingerprint, list(table["image_id"]), len(dropped), grey, size)
     return table
+
+
+def recorded(
+    inspect: catalog.Inspect, record: dict, data: Location, modalities: list[str]
+) -> catalog.Inspect:
+    """``inspect`` that answers from a data check's record for the images it passed (the
+    record's size, three channels: what the check found) and reads only the others, such as
+    those it dropped; a data set checked once costs no image read at the next start."""
+    height, width = record["size"]
+    passed = {
+        (data / catalog.modality_dir(m) / image).target
+        for m in modalities
+        for image in record["images"]
+    }
+
+    def answer(paths: Sequence[str], decode: bool) -> list[catalog.ImageInfo]:
+        others = [p for p in paths if p not in passed]
+        read = iter(inspect(others, decode) if others else [])
+        known = catalog.ImageInfo(height, width, 3)
+        return [known if p in passed else next(read) for p in paths]
+
+    return answer
 
 
 def inspect_on_nodes(paths: Sequence[str], decode: bool) -> list[catalog.ImageInfo]:
