@@ -14,11 +14,11 @@ A training run, ``<storage>/<name>/``::
     split.parquet               the catalog with each image's split (train or val): made by the
                                 run's first start, kept by its resumes
     data_check.json             the data set's listing fingerprint when its images were last
-                                decoded in full, and the images that passed
+                                decoded in full, the images that passed and their size
     tensorboard/                the curves and validation figures
 
 A storage folder keeps ``data_checks/<digest>/data_check.json`` too, the last full check of each
-data set its runs used, so that a new run on unchanged data reads image headers only.
+data set its runs used, so that a new run on unchanged data reads no image.
 
 A sweep, ``<storage>/<name>/``: ``trials/<trial>/`` is each trial's training run,
 ``results.csv`` the trials sorted by val Dice, ``data_check.json`` the check of the data set its

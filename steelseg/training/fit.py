@@ -80,8 +80,8 @@ def load_split(
     """The run's split of the data set as it is now.
 
     The images are decoded in full once: a later start on a data set whose listing is
-    unchanged (``catalog.fingerprint``) reads their headers only, and keeps the images the full
-    check passed. The check is recorded in the run's folder and in its storage's
+    unchanged (``catalog.fingerprint``) reads none of them: it keeps the images the full check
+    passed, at the size it found. The check is recorded in the run's folder and in its storage's
     ``data_checks/`` (for new runs on the same data), and looked for there and in ``checks``
     (a sweep's folder). The split is made by a run's first start and kept by its
     resumes (``catalog.keep_split``): images new since then train only, and images that are
