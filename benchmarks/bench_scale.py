@@ -4,7 +4,7 @@ bucket, on a data set never checked and on one checked once), a resume, a 2-tria
 epoch of the training data pipeline, ``evaluate``, ``figures`` and ``predict``; each at 1,000,
 4,000 and 12,568 images, with wall time, memory and the object store, and the issue's targets.
 
-    python benchmarks/bench_scale.py                 # the real sizes: ~1.7 h on 2 cores (below)
+    python benchmarks/bench_scale.py                 # the real sizes: ~1.2 h on 2 cores (below)
     python benchmarks/bench_scale.py --stages train,resume --sizes 1000,12568   # again, merged
     python benchmarks/bench_scale.py --failed             # the stages whose rows have an error
     python benchmarks/bench_scale.py --sizes 40,160 --height 64 --width 320 --crop 64x160 \
@@ -63,12 +63,12 @@ storage (headers only); ``resume`` reruns ``checked`` with ``--epochs 2 --max-st
 sweep (2 trials of 1 step) runs after them, on the same storage. The page cache is warm for
 every stage but synth. Each command's output is in ``work-<date>/logs/`` in the cache.
 
-Time on this 2-core machine (estimated from the smoke run and per-image costs at 256x1600):
-synth ~15 min on the first run only (12,568 images at ~20/s, and 1,000 and 4,000 timed apart);
-train, train-bucket, resume and sweep ~12 min per N, mostly fixed costs (Ray and Train start,
-validation, calibration); evaluate ~60 ms an image, ~23 min over 1,000, 4,000, 5,506 and 12,568;
-validate, the upload and the pipeline ~15 min together; predict ~4 min (2.3 images/s in bf16 on
-AMX; ~3x longer without): about 1.7 h, 1.4 h once the data set is cached. Trim with ``--stages``
+Time on this 2-core machine (measured on a 2-core Xeon with AMX): synth ~7 min on the first
+run only (12,568 images at ~47/s, and 1,000 and 4,000 timed apart); train, train-bucket, resume
+and sweep ~9 min per N, mostly fixed costs (Ray and Train start, validation, calibration);
+validate, the uploads, the pipeline, evaluate and figures ~12 min together; predict ~11 min
+(0.75 images/s in bf16 with one actor; ~3x longer without bf16): about 1.2 h, 1.1 h once the
+data set is cached. Trim with ``--stages``
 (without ``synth``: the smaller sets are not timed; evaluate and figures apart, at fewer
 ``--sizes``), ``--test-images`` and ``--predict-images``.
 """
