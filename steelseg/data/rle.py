@@ -164,7 +164,7 @@ def area(rle: str, height: int, width: int) -> int:
     return int(run_lengths(rle, height, width)[1::2].sum())
 
 
-def runs(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def run_bounds(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The (starts, ends) pixel offsets, ends exclusive, of ``run_lengths``' runs."""
     bounds = np.cumsum(lengths)
     return bounds[0:-1:2], bounds[1::2]
@@ -173,7 +173,7 @@ def runs(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def overlap(a: np.ndarray, b: np.ndarray) -> int:
     """Pixels inside both of two masks given as ``run_lengths`` of the same image, without
     decoding either: a sweep over the runs' ends, O(runs log runs)."""
-    (a_start, a_end), (b_start, b_end) = runs(a), runs(b)
+    (a_start, a_end), (b_start, b_end) = run_bounds(a), run_bounds(b)
     if not a_start.size or not b_start.size:
         return 0
     points = np.concatenate([a_start, a_end, b_start, b_end])

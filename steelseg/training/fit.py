@@ -123,18 +123,18 @@ def checked_table(
     ``records[0]`` and ``records[1]``. The table's ``grey`` column is the data set's: True on
     every row when every image is grey."""
     fingerprint = catalog.fingerprint(data, config.modalities)
-    found = (runs.read_data_check(place) for place in records)
-    # a check that dropped images stands only for runs that drop them too
-    record = next(
-        (
-            r
-            for r in found
-            if r and r["fingerprint"] == fingerprint and (config.drop_bad or not r["dropped"])
-        ),
-        None,
-    )
+    found = [(place, runs.read_data_check(place)) for place in records]
+    # a check that dropped images stands only for runs that drop them too; one that kept the
+    # images' size first (it costs no image read)
+    usable = [
+        (place, r)
+        for place, r in found
+        if r and r["fingerprint"] == fingerprint and (config.drop_bad or not r["dropped"])
+    ]
+    usable.sort(key=lambda pair: not pair[1].get("size"))
+    source, record = usable[0] if usable else (None, None)
     if record is not None and record.get("size"):
-        inspect = recorded(inspect, record, data, config.modalities)
+        inspect = inspect_from_record(inspect, record, data, config.modalities)
     dropped: list[str] = []
     table = catalog.load(
         data,
@@ -148,17 +148,27 @@ def checked_table(
     if record is not None:
         table = table[table["image_id"].isin(set(record["images"]))].reset_index(drop=True)
         table["grey"] = bool(record.get("grey", False))  # a record before it: not known grey
+        if source is not None and not record.get("size") and (size := one_size(table)):
+            # a record from before the size was kept: the headers just read give it, once
+            runs.write_data_check(
+                source, fingerprint, record["images"], record["dropped"], record["grey"], size
+            )
         return table
     grey = bool(len(table)) and bool(table["grey"].all())
     table["grey"] = grey
-    sizes = set(zip(table["height"], table["width"]))  # one, unless the table is empty
-    size = [int(v) for v in sizes.pop()] if len(sizes) == 1 else None
+    size = one_size(table)
     for place in records[:2]:  # the run's, and its storage's for the runs after it
         runs.write_data_check(place, fingerprint, list(table["image_id"]), len(dropped), grey, size)
     return table
 
 
-def recorded(
+def one_size(table: pd.DataFrame) -> list[int] | None:
+    """``[height, width]`` of a table whose images all have one size, else None."""
+    sizes = set(zip(table["height"], table["width"]))
+    return [int(v) for v in sizes.pop()] if len(sizes) == 1 else None
+
+
+def inspect_from_record(
     inspect: catalog.Inspect, record: dict, data: Location, modalities: list[str]
 ) -> catalog.Inspect:
     """``inspect`` that answers from a data check's record for the images it passed (the
@@ -251,7 +261,7 @@ def fit(
     try:
         with relay or contextlib.nullcontext():
             result = build_trainer(config, train_table, val_table, callbacks, relay).fit()
-    except (TrainingFailedError, ray.exceptions.RayError) as e:  # a RayError: the controller's
+    except (TrainingFailedError, ray.exceptions.RayError) as e:  # RayError: the controller died
         return failed(config, f"training failed: {failure_reason(e)}")
     metrics = dict(result.metrics or {})  # Ray's: the last report with a checkpoint
     history = runs.read_history(config.run_dir)
@@ -285,7 +295,8 @@ def _names_ours(error: BaseException) -> bool:
 
 
 def failure_reason(error: BaseException) -> str:
-    """What went wrong, on one line, from Ray Train's ``TrainingFailedError``: the first failed
+    """What went wrong, on one line, from Ray Train's ``TrainingFailedError`` (or the error of
+    its controller's death, e.g. Ray's memory monitor ending it): the first failed
     worker's own error (a steelseg error's message as it is, another error with its type), not
     Ray's wrappers. An error from a Ray Data task reaches the worker as its traceback's text,
     which is read for the error that started it."""

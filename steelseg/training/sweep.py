@@ -130,10 +130,11 @@ def run_trial(params: dict[str, Any], base: dict, sweep_dir: str) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial = Path(tune.get_context().get_trial_dir()).name  # the same name as Tune's trial folder
-    config = TrainConfig.from_dict(base).replace(
+    sweep_config = TrainConfig.from_dict(base)
+    config = sweep_config.replace(
         **params, storage=runs.trials_dir(sweep_dir).target, name=trial, calibrate=False
     )
-    checks = trial_checks(TrainConfig.from_dict(base), sweep_dir)
+    checks = trial_checks(sweep_config, sweep_dir)
     result = fit(config, callbacks=[TuneReportCallback()], checks=checks)
     if result.error:
         raise result.error  # Tune marks the trial ERRORED; a restore reruns it

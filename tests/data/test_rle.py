@@ -159,6 +159,14 @@ def test_decode_bits_names_the_bad_class():
         rle.decode_bits(["", "", "", "3"], 4, 4, image_id="x.jpg")
 
 
+def test_overlap_of_touching_runs_by_hand():
+    """Pixels 1-2 and 3-4 (touching runs, which encode never writes) against 2-4: 3 shared."""
+    a, b = rle.run_lengths("1 2 3 2", 2, 3), rle.run_lengths("2 3", 2, 3)
+    assert rle.overlap(a, b) == 3 and rle.overlap(b, a) == 3
+    assert rle.overlap(a, rle.run_lengths("", 2, 3)) == 0
+    assert rle.overlap(rle.run_lengths("5 2", 2, 3), rle.run_lengths("1 4", 2, 3)) == 0
+
+
 @settings(max_examples=200, deadline=None)
 @given(masks(30, 3))
 def test_overlap_of_runs_counts_the_pixels_both_masks_cover(pair):

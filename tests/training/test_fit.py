@@ -265,8 +265,10 @@ def spy():
 
     def inspect(paths, decode):
         decoded.append(decode)
+        inspect.paths.append(len(paths))
         return catalog.inspect_many(paths, decode)
 
+    inspect.paths = []  # how many images each call read
     return inspect, decoded
 
 
@@ -302,6 +304,31 @@ def test_the_images_are_decoded_in_full_once_until_the_data_set_changes(data_cop
     assert len(decoded) == 3 and not train["grey"].any()
 
 
+def test_a_record_without_the_size_costs_the_headers_once_and_gains_the_size(data_copy, tmp_path):
+    """A check recorded before the size was kept is trusted with a header read, which writes
+    the size into it, so the next start reads nothing."""
+    from steelseg import runs
+    from steelseg.config import TrainConfig
+    from steelseg.training.fit import load_split
+
+    config = TrainConfig(data=str(data_copy), storage=str(tmp_path / "runs"))
+    inspect, decoded = spy()
+    first = load_split(config, inspect=inspect)
+    run_dir = config.resolved().run_dir
+    old = runs.read_data_check(run_dir)
+    runs.write_data_check(run_dir, old["fingerprint"], old["images"], 0, old["grey"])
+    shared = tmp_path / "runs" / runs.DATA_CHECKS_DIR
+    for record in shared.rglob(runs.DATA_CHECK_FILE):
+        record.unlink()  # only the run's old record is left
+    second = load_split(config, inspect=inspect)
+    size = [int(first[0]["height"].iloc[0]), int(first[0]["width"].iloc[0])]
+    assert decoded == [True, False] and runs.read_data_check(run_dir)["size"] == size
+    load_split(config, inspect=inspect)
+    assert decoded == [True, False]
+    for a, b in zip(first, second):
+        pd.testing.assert_frame_equal(a, b)
+
+
 def test_a_sweeps_trials_trust_its_check_and_keep_only_the_images_it_passed(data_copy, tmp_path):
     from steelseg.config import TrainConfig
     from steelseg.storage import locate
@@ -315,7 +342,7 @@ def test_a_sweeps_trials_trust_its_check_and_keep_only_the_images_it_passed(data
     checked_table(base, data_folder(base), inspect, (sweep,))  # the sweep's driver, once
     trial = base.replace(storage=str(tmp_path / "sweep" / "trials"), name="t1")
     train, val = load_split(trial, inspect=inspect, checks=(sweep,))
-    assert decoded == [True, False]
+    assert decoded == [True, False] and inspect.paths == [60, 1]  # the dropped image's header
     assert truncated.name not in set(train["image_id"]) | set(val["image_id"])
     assert len(train) + len(val) == 59
     strict = trial.replace(drop_bad=False, name="t2")  # a check that dropped one is no pass
@@ -498,6 +525,7 @@ def test_a_run_whose_controller_ray_kills_for_memory_fails_with_one_line(
     """Ray's memory monitor ends the Train controller: ``fit`` raises no traceback, it returns
     the run as failed, with the node's memory figures on one line."""
     from ray.exceptions import ActorDiedError, OutOfMemoryError
+    from ray.train import WorkerGroupError
 
     from steelseg.config import TrainConfig
     from steelseg.training.fit import failure_reason
@@ -517,6 +545,9 @@ def test_a_run_whose_controller_ray_kills_for_memory_fails_with_one_line(
         "(--cpus-per-worker)"
     )
     assert result.best_checkpoint is None and "\n" not in reason
+    # a worker that Ray's memory monitor ended, as Ray Train reports it
+    worker = WorkerGroupError("Worker 0 failed", {0: OutOfMemoryError(OOM_TEXT)})
+    assert failure_reason(worker) == reason.removeprefix("training failed: ")
     # an actor that died another way: its message's first line
     died = ActorDiedError()
     assert failure_reason(died) == f"ActorDiedError: {str(died).splitlines()[0].strip()}"
