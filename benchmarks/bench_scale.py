@@ -45,7 +45,7 @@ a new local Ray), and its process tree is sampled every 0.25 s from /proc. The c
   process's imports, some 50-300 MB). ``requests``: requests to the store naming the data set
   (moto's log). ``full_checks``: ``data_check.json`` files written during the stage, i.e. data
   checks that decoded every image (a run's first start writes the run's and the storage's: 2);
-  0: only the images' headers were read.
+  0: no image was decoded (a checked data set's record is trusted).
 - pipeline: ``after_first_per_s`` is images/s per CPU after the epoch's first batch (the steady
   rate; ``images_per_s`` includes the start, ``first_batch_s``). grey: the visible images read
   as one channel, as train reads a grey data set; rgb: as three, as before that lever.
@@ -56,10 +56,10 @@ How to read the results: the last table lists the issue's targets, MET or MISSED
 figures: each stage's time at the largest N against the smallest (12,568 against 1,000: at most
 13x), train's first step once the data set is checked (60 s local, 120 s bucket), validate
 (180 s), the driver's RSS (2 GB), the object store (at most 2x from the smallest N to the
-largest, nothing spilled), resume and sweep reading headers only (``full_checks`` 0), and the
+largest, nothing spilled), resume and sweep decoding nothing (``full_checks`` 0), and the
 pipeline's rate per CPU (as high at 12,568 as at 1,000, at least 150). A train ``first`` row
 decodes the whole data set; ``checked`` is the same command under another name on the same
-storage (headers only); ``resume`` reruns ``checked`` with ``--epochs 2 --max-steps 4``; the
+storage (no image read); ``resume`` reruns ``checked`` with ``--epochs 2 --max-steps 4``; the
 sweep (2 trials of 1 step) runs after them, on the same storage. The page cache is warm for
 every stage but synth. Each command's output is in ``work-<date>/logs/`` in the cache.
 

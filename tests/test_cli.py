@@ -1,4 +1,6 @@
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -141,6 +143,17 @@ def test_other_uri_schemes_are_refused_in_one_line(argv, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ":// is not supported; use a local or shared path" in err
+
+
+def test_building_the_parser_imports_neither_ray_tune_nor_torch():
+    """Every command builds the whole parser first: `steelseg --help` and a data command must
+    not pay Ray Tune's import (4 s, 700 MB) for the sweep's options."""
+    code = (
+        "import sys; from steelseg.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('ray.tune', 'torch') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_a_store_that_does_not_answer_is_one_line_naming_the_uri(capsys):

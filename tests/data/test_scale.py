@@ -1,6 +1,6 @@
 """The checks of a data set grow linearly with it: the requests to the store that ``steelseg
 validate`` (``catalog.scan``), a train run's first start (a full check, recorded) and a later
-run's start (headers only, trusting the record) make for N and 4N images in a bucket.
+run's start (no image read: it trusts the record) make for N and 4N images in a bucket.
 
 Linear work, a + b x N requests, grows at most 4x from N to 4N; a request per pair of images
 grows 16x. A listing per image (an existence check by listing the folder, say) costs quadratic

@@ -144,13 +144,14 @@ def test_the_fused_paper_network_with_its_gate_and_rules_matches_pytorch_at_full
 @pytest.mark.parametrize(
     ("arch", "modalities", "presence"),
     [
-        # smp's network with fusion and the gate (the paper's: the full-size test above); the
-        # other smp decoders go through the same SmpNet wrapper (cut from the suite for its
-        # time: ~8 s each)
+        # smp's network with fusion and the gate (the paper's: the full-size test above; early
+        # fusion is the same graph with more input channels, so a visible-only network differs
+        # in its first layers' width alone); the other smp decoders go through the same SmpNet
+        # wrapper (cut from the suite for its time: ~8 s each)
         ("unet-resnet18", ["visible", "ir"], True),
     ],
 )
-def test_every_arch_and_fusion_exports_with_dynamic_batch_and_size(
+def test_smp_networks_export_with_fusion_and_a_dynamic_batch_and_size(
     arch, modalities, presence, tmp_path
 ):
     from steelseg.inference.export import export_onnx
