@@ -11,11 +11,14 @@ for each executor; the resource manager asks for it without waiting and caches w
 a second, so a new executor runs with CPU limits of 0 until the answer arrives, and meanwhile
 only the one task Ray Data always allows an idle operator. The probe wraps the allocator's
 ``can_submit_new_task`` (read only: it returns what Ray decided) to record, per half-second of
-each epoch, the most tasks running and the CPU limit. This is a measurement aid; steelseg
-does not patch Ray.
+each epoch, the most tasks running and the CPU limit, and from Ray Data's stats the decode
+tasks' summed time over the epoch's (2.0 would be two tasks all along). ``--consumer arrow``
+takes the blocks as they are, without the conversion to torch batches; ``--unordered`` turns
+``preserve_order`` off. This is a measurement aid; steelseg does not patch Ray.
 """
 
 import argparse
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -28,8 +31,17 @@ from steelseg.data import catalog, pipeline, synth
 CROPS = {(256, 1600): (256, 800), (64, 320): (64, 160)}
 
 
-def probe(data: Path, size: tuple[int, int], cpus: int, epochs: int, images: int) -> list[dict]:
+def probe(
+    data: Path,
+    size: tuple[int, int],
+    cpus: int,
+    epochs: int,
+    images: int,
+    consumer: str,
+    ordered: bool,
+) -> list[dict]:
     import ray
+    import ray.data
     from ray.data._internal.execution import resource_manager
 
     allocator = resource_manager.ReservationOpResourceAllocator
@@ -51,22 +63,33 @@ def probe(data: Path, size: tuple[int, int], cpus: int, epochs: int, images: int
     out = []
     try:
         pipeline.ordered_context()
+        ray.data.DataContext.get_current().execution_options.preserve_order = ordered
         ray.get(pipeline.warm_up(config, cpus))
         for epoch in range(epochs):
             epoch_rows = pipeline.train_rows(rows, config.seed, epoch, rank=0, world=1)
             dataset = pipeline.train_dataset(epoch_rows, config, epoch, grey=True)
             samples.clear()
             start[0] = time.perf_counter()
-            n = sum(len(b["image"]) for b in dataset.iter_torch_batches(batch_size=8))
+            if consumer == "torch":  # as a Train worker reads
+                n = sum(len(b["image"]) for b in dataset.iter_torch_batches(batch_size=8))
+            else:  # the blocks as they are: no conversion, no batching in this process
+                n = sum(
+                    b.num_rows
+                    for b in dataset.iter_batches(batch_size=None, batch_format="pyarrow")
+                )
             seconds = time.perf_counter() - start[0]
+            task_s = tasks_seconds(dataset.stats())
             zero = [t for t, _, cpu in samples if cpu == 0]
             two = [t for t, active, _ in samples if active >= 2]
             out.append(
                 {
                     "size": f"{size[0]}x{size[1]}",
                     "epoch": epoch + 1,
+                    "consumer": consumer,
+                    "ordered": ordered,
                     "images_per_s": round(n / seconds, 1),
                     "epoch_s": round(seconds, 2),
+                    "tasks_s_per_epoch_s": round(task_s / seconds, 2),
                     "cpu_limit_0_until_s": round(max(zero), 2) if zero else 0.0,
                     "first_second_task_s": round(min(two), 2) if two else None,
                     "timeline": half_seconds(samples),
@@ -76,6 +99,13 @@ def probe(data: Path, size: tuple[int, int], cpus: int, epochs: int, images: int
         ray.shutdown()
         allocator.can_submit_new_task = decide
     return out
+
+
+def tasks_seconds(stats: str) -> float:
+    """The decode operator's summed task wall time, from Ray Data's stats text."""
+    totals = re.findall(r"Remote wall time: .* ([0-9.]+)(ms|s) total", stats)
+    value, unit = totals[-1]
+    return float(value) / (1000 if unit == "ms" else 1)
 
 
 def half_seconds(samples: list[tuple[float, int, float]]) -> list[list[float]]:
@@ -94,6 +124,8 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--data", help="a data set folder to read (default: synthetic)")
+    parser.add_argument("--consumer", choices=["torch", "arrow"], default="torch")
+    parser.add_argument("--unordered", action="store_true", help="preserve_order off")
     parser.add_argument("--json", default="ray_data_limits_cpu2.json")
     args = parser.parse_args()
     height, width = (int(v) for v in args.size.split("x"))
@@ -101,8 +133,25 @@ def main() -> None:
         data = Path(args.data) if args.data else Path(tmp) / "data"
         if not args.data:
             synth.write_dataset(data, args.images, height=height, width=width)
-        rows = probe(data, (height, width), args.cpus, args.epochs, args.images)
-    columns = ["size", "epoch", "images_per_s", "epoch_s", "cpu_limit_0_until_s"]
+        rows = probe(
+            data,
+            (height, width),
+            args.cpus,
+            args.epochs,
+            args.images,
+            args.consumer,
+            not args.unordered,
+        )
+    columns = [
+        "size",
+        "consumer",
+        "ordered",
+        "epoch",
+        "images_per_s",
+        "epoch_s",
+        "tasks_s_per_epoch_s",
+    ]
+    columns += ["cpu_limit_0_until_s"]
     print(table(rows, [*columns, "first_second_task_s"]))
     for row in rows:
         print(f"epoch {row['epoch']}: [t, most tasks, CPU limit]", row["timeline"])
