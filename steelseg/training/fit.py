@@ -147,11 +147,12 @@ def checked_table(
     )
     if record is not None:
         table = table[table["image_id"].isin(set(record["images"]))].reset_index(drop=True)
-        table["grey"] = bool(record.get("grey", False))  # a record before it: not known grey
+        grey = bool(record.get("grey", False))  # a record before it: not known grey
+        table["grey"] = grey
         if source is not None and not record.get("size") and (size := one_size(table)):
             # a record from before the size was kept: the headers just read give it, once
             runs.write_data_check(
-                source, fingerprint, record["images"], record["dropped"], record["grey"], size
+                source, fingerprint, record["images"], record["dropped"], grey, size
             )
         return table
     grey = bool(len(table)) and bool(table["grey"].all())
