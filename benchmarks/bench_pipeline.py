@@ -5,15 +5,21 @@
     python benchmarks/bench_pipeline.py --sizes 256x1600 --processes 1,2,4 --data /data/severstal
     python benchmarks/bench_pipeline.py --sizes 64x320,256x1600 --processes 2 --channels grey,rgb
 
-The work per batch is the same code in both: ``steelseg.data.pipeline.read_batch`` (JPEG decode,
-RLE decode of the 4 classes, class bits) and ``augment_batch`` (random crop, flips,
-brightness/contrast, seeded per epoch and row) on each epoch's rows (``pipeline.train_rows``) in
-batches of ``--batch``, ending as uint8 torch tensors in the consuming process, which does nothing
-else (the GPU's step is not simulated). Ray runs with ``num_cpus`` = processes and the consumer
-iterates ``iter_torch_batches`` over ``pipeline.train_dataset``, as a Train worker does; the
-DataLoader runs ``num_workers`` = processes, persistent, with ``batch_size=None`` over the same
-rows in batches. The first epoch includes starting the processes; the figure compared is the best
-later epoch. Every epoch of both is checked to deliver every row of the epoch exactly once.
+The work per batch is the same code in both: ``steelseg.data.pipeline.train_batch`` (JPEG decode,
+RLE decode of the 4 classes to class bits, then ``augment_batch``: random crop, flips,
+brightness/contrast, seeded per epoch and row) on each epoch's rows (``pipeline.train_rows``),
+ending as uint8 torch tensors in batches of ``--batch`` in the consuming process, which does
+nothing else (the GPU's step is not simulated). Ray runs with ``num_cpus`` = processes and the
+consumer iterates ``iter_torch_batches`` over ``pipeline.train_dataset``, as a Train worker does
+(a new dataset each epoch, cut for that many CPUs); the DataLoader runs ``num_workers`` =
+processes, persistent, with ``batch_size=None`` over the same rows in batches. The first epoch
+includes starting the processes; the figure compared is the best later epoch. Every epoch of both
+is checked to deliver every row of the epoch exactly once.
+
+An epoch is by default as long as a rank's share of the real data set on 3 ranks at 256x1600
+(4,000 images; at other sizes, as many pixels): Ray Data starts a new executor each epoch, which
+costs about a second whatever the epoch's length (docs/performance.md, Data pipeline), so a
+shorter epoch measures that second rather than the rate; ``--images`` sets another length.
 
 ``--channels``: ``grey`` reads the visible image as one channel (what training does on a data
 set of grey images, such as Severstal's), ``rgb`` as three; ``bytes_per_image`` is what a batch
@@ -45,6 +51,8 @@ CROPS = {(256, 1600): (256, 800)}
 # H100, bf16 + channels_last, batch 8 (docs/performance.md, Training step): 138 images/s on
 # whole 256x1600 images; a 256x800 crop is half the pixels and the step is linear in them, so
 # about 2 x 138
+# an epoch's pixels by default: a rank's share of the real data set on 3 ranks at 256x1600
+EPOCH_PIXELS, MAX_IMAGES = 4000 * 256 * 1600, 20_000
 GPU_STEP_IMAGES_PER_S = {"256x1600": 138.0, "256x800": 276.0}
 
 
@@ -65,10 +73,10 @@ class CatalogBatches(torch.utils.data.Dataset):
         epoch, indices = item
         config = self.config
         rows = {c: values[indices] for c, values in self.columns.items()}
-        batch = pipeline.read_batch(rows, config.modalities, self.grey)
-        out = augment.augment_batch(
-            batch, config.crop_height, config.crop_width, config.seed, epoch=epoch
-        )
+        out = pipeline.train_batch(
+            rows, config.modalities, self.grey, config.crop_height, config.crop_width,
+            config.seed, epoch, config.defect_crops,
+        )  # fmt: skip
         return {k: torch.from_numpy(v) for k, v in out.items()}
 
 
@@ -144,7 +152,7 @@ def with_ray(
         rates = []
         for epoch in range(epochs):
             epoch_rows = pipeline.train_rows(rows, config.seed, epoch, rank=0, world=1)
-            dataset = pipeline.train_dataset(epoch_rows, config, epoch, grey=grey)
+            dataset = pipeline.train_dataset(epoch_rows, config, epoch, grey, cpus=processes)
             batches = dataset.iter_torch_batches(batch_size=config.batch_size)
             n, seconds, nbytes = consume(batches, len(epoch_rows))
             rates.append(n / seconds)
@@ -174,17 +182,12 @@ def parts(rows, config, grey: bool, limit: int = 64) -> dict[str, float]:
     start = time.perf_counter()
     for i in range(0, len(images), batch):
         out = augment.augment_batch(
-            {
-                "image": np.stack(images[i : i + batch]),
-                "mask": np.stack(masks[i : i + batch]),
-                "image_id": rows["image_id"].to_numpy()[i : i + batch],
-            },
-            config.crop_height,
-            config.crop_width,
-            config.seed,
-        )
+            {"image": images[i : i + batch], "mask": masks[i : i + batch],
+             "sample": rows.index.to_numpy()[i : i + batch]},
+            config.crop_height, config.crop_width, config.seed,
+        )  # fmt: skip
         {k: torch.from_numpy(v) for k, v in out.items()}
-    timings["stack + augment + to tensors"] = time.perf_counter() - start
+    timings["augment + stack + to tensors"] = time.perf_counter() - start
     return {k: 1e3 * v / len(images) for k, v in timings.items()}
 
 
@@ -279,7 +282,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="32x160,64x320,256x1600")
     parser.add_argument("--processes", default="1,2", help="comma-separated CPU process counts")
-    parser.add_argument("--images", type=int, default=0, help="per size; 0: about 30 s of work")
+    parser.add_argument("--images", type=int, default=0, help="an epoch; 0: see above")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--data", help="a data set folder (train.csv + train_images) to use")
@@ -290,7 +293,7 @@ def main() -> None:
     results = []
     for size in args.sizes.split(","):
         height, width = (int(x) for x in size.split("x"))
-        images = args.images or int(np.clip(32_000_000 / (height * width), 400, 1600))
+        images = args.images or int(np.clip(EPOCH_PIXELS / (height * width), 400, MAX_IMAGES))
         results += bench_size(
             height, width, args.data, images, processes, args.epochs, args.batch,
             args.channels.split(","),

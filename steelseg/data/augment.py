@@ -4,7 +4,9 @@ benchmarks and a bare GPU machine run the very functions the Ray Data pipeline m
 """
 
 import zlib
+from collections.abc import Mapping
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +48,7 @@ def sample_seed(seed: int, epoch: int, sample: int) -> int:
 
 
 def augment_batch(
-    batch: dict[str, np.ndarray],
+    batch: Mapping[str, Any],
     crop_height: int,
     crop_width: int,
     seed: int,
@@ -54,7 +56,8 @@ def augment_batch(
     epoch: int = 0,
 ) -> dict[str, np.ndarray]:
     """Crop, flips and brightness/contrast of ``image`` (B, H, W, C) and ``mask`` (B, H, W),
-    each row seeded by ``sample_seed`` (``sample``: the rows' places in the training table,
+    stacked or as sequences of arrays of any sizes (only the outputs are stacked), each row
+    seeded by ``sample_seed`` (``sample``: the rows' places in the training table,
     passed on, so that a consumer can tell which rows it was given; their order in the batch
     without it)."""
     compose = augmentation(crop_height, crop_width, defect_crops)

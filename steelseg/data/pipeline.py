@@ -13,9 +13,22 @@ the row. So a run stopped and resumed at epoch k reads at epoch k exactly what t
 uninterrupted run read, and no epoch costs an all-to-all shuffle of blocks before its first
 image. Validation gives every image to one rank (``val_rows``): the counts are summed across
 ranks afterwards, so the shares need not be equal.
+
+How the work is cut (``Blocks``; docs/performance.md, Data pipeline, has the measurements): a
+Ray Data task costs about a tenth of a second beyond its work (its dispatch, and the executor
+noticing its end, which it checks at most every 0.1 s while another task runs), so a task reads
+about a second of images; an epoch still has a few tasks per CPU, so that its end leaves no
+core idle for long. A training task reads and augments each image in one function
+(``train_batch``), and emits one block per ``map_batches`` batch of about ``BLOCK_BYTES``, a
+whole number of training batches: a block of one chunk, which the consumer slices into
+batches without copying, where several batches of a block would be concatenated first.
 """
 
+import contextlib
 import itertools
+import threading
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -25,19 +38,21 @@ import ray.data
 from steelseg.config import TrainConfig
 from steelseg.data import augment, rle
 from steelseg.data.augment import augment_batch
-from steelseg.data.images import path_columns, read_stack
+from steelseg.data.images import in_channels, path_columns, read_stack
 from steelseg.domain import RLE_COLUMNS
 from steelseg.errors import SteelsegError
 
-# a task decodes about this many pixels (48 MB of RGB): its work outweighs its start
-BLOCK_PIXELS = 2**24
-MIN_ROWS_PER_BLOCK, MAX_ROWS_PER_BLOCK = 8, 256
+# a task reads about this many pixels: a second of decoding on one core at 256x1600
+TASK_PIXELS = 2**27
+MAX_ROWS_PER_TASK = 4096
+TASKS_PER_CPU = 4  # at least, an epoch's: its last tasks leave the other cores idle
+BLOCK_BYTES = 2**25  # what a block carries (32 MiB: 64 grey 256x800 crops and their masks)
 
 
-def read_batch(
+def read_rows(
     batch: dict[str, np.ndarray], modalities: list[str], grey: bool = False
-) -> dict[str, np.ndarray]:
-    """Catalog rows -> uint8 ``image`` (B, H, W, C) and ``mask`` (B, H, W) class bits; with
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Catalog rows -> each row's uint8 image (H, W, C) and mask (H, W) of class bits; with
     ``grey`` the visible image is one channel (``images.read_stack``)."""
     columns = path_columns(modalities)
     images, masks = [], []
@@ -47,32 +62,105 @@ def read_batch(
         strings = [batch[c][i] for c in RLE_COLUMNS]
         images.append(image)
         masks.append(rle.decode_bits(strings, height, width, image_id=image_id))
+    return images, masks
+
+
+def read_batch(
+    batch: dict[str, np.ndarray], modalities: list[str], grey: bool = False
+) -> dict[str, np.ndarray]:
+    """Catalog rows -> uint8 ``image`` (B, H, W, C) and ``mask`` (B, H, W) class bits
+    (``read_rows``), whole images, as validation reads them."""
+    images, masks = read_rows(batch, modalities, grey)
     out = {"image": np.stack(images), "mask": np.stack(masks), "image_id": batch["image_id"]}
     if "sample" in batch:
         out["sample"] = batch["sample"]
     return out
 
 
-def rows_per_block(table: pd.DataFrame) -> int:
-    """Images a Ray Data task decodes: about ``BLOCK_PIXELS``, between 8 and 256 images."""
+def train_batch(
+    batch: dict[str, np.ndarray],
+    modalities: list[str],
+    grey: bool,
+    crop_height: int,
+    crop_width: int,
+    seed: int,
+    epoch: int,
+    defect_crops: float = 0.0,
+) -> dict[str, np.ndarray]:
+    """Catalog rows -> augmented uint8 ``image``, ``mask`` and ``sample`` (``read_rows`` then
+    ``augment.augment_batch``): each image is cropped as it is read, and only the crops are
+    stacked."""
+    images, masks = read_rows(batch, modalities, grey)
+    rows = {"image": images, "mask": masks, "sample": batch["sample"]}
+    return augment_batch(rows, crop_height, crop_width, seed, defect_crops, epoch)
+
+
+class Blocks(NamedTuple):
+    """How an epoch's rows are cut: ``task`` rows a Ray Data task reads, ``block`` rows a block
+    (one ``map_batches`` batch) carries, and ``block_bytes`` the bytes of a full block."""
+
+    task: int
+    block: int
+    block_bytes: int
+
+
+def blocks(rows: int, pixels: int, row_bytes: int, batch_size: int, cpus: int = 1) -> Blocks:
+    """The cut of ``rows`` images of ``pixels`` each into tasks and blocks, when a row ends as
+    ``row_bytes`` in a block and the consumer takes batches of ``batch_size``: a block of about
+    ``BLOCK_BYTES`` in whole batches; a task of about ``TASK_PIXELS`` in whole blocks, made
+    smaller where the epoch would have fewer than ``TASKS_PER_CPU`` tasks for each of ``cpus``.
+    """
+    block = max(1, BLOCK_BYTES // (row_bytes * batch_size)) * batch_size
+    task = int(np.clip(TASK_PIXELS // pixels, 1, MAX_ROWS_PER_TASK))
+    task = max(1, min(task, -(-rows // (TASKS_PER_CPU * max(1, cpus)))))
+    task = -(-task // batch_size) * batch_size  # whole batches
+    block = min(block, task)
+    task = -(-task // block) * block  # whole blocks
+    return Blocks(task, block, block * row_bytes)
+
+
+def _channels(config: TrainConfig, grey: bool) -> int:
+    """A block's bytes per pixel: the image's channels and the mask's byte."""
+    return (1 if grey else in_channels(config.modalities)) + 1
+
+
+def train_blocks(table: pd.DataFrame, config: TrainConfig, grey: bool, cpus: int) -> Blocks:
+    height, width = int(table["height"].max()), int(table["width"].max())
+    out = config.crop_height * config.crop_width or height * width
+    row_bytes = out * _channels(config, grey)
+    return blocks(len(table), height * width, row_bytes, config.batch_size, cpus)
+
+
+def val_blocks(table: pd.DataFrame, config: TrainConfig, grey: bool, cpus: int) -> Blocks:
     pixels = int(table["height"].max()) * int(table["width"].max())
-    return int(np.clip(BLOCK_PIXELS // pixels, MIN_ROWS_PER_BLOCK, MAX_ROWS_PER_BLOCK))
-
-
-def n_blocks(table: pd.DataFrame) -> int:
-    return max(1, -(-len(table) // rows_per_block(table)))
+    return blocks(len(table), pixels, pixels * _channels(config, grey), config.batch_size, cpus)
 
 
 def _columns(table: pd.DataFrame, modalities: list[str]) -> pd.DataFrame:
     return table[["image_id", *path_columns(modalities), *RLE_COLUMNS]].reset_index(drop=True)
 
 
-def _from_table(table: pd.DataFrame, modalities: list[str]) -> ray.data.Dataset:
-    """The rows in order, in blocks of about ``BLOCK_PIXELS``."""
+def _from_table(table: pd.DataFrame, modalities: list[str], task_rows: int) -> ray.data.Dataset:
+    """The rows in order, ``task_rows`` to a block (one task reads one)."""
     rows = _columns(table, modalities)
     rows["sample"] = table.index.to_numpy()  # the row's place in the table: seeds its crops
-    bounds = np.linspace(0, len(rows), n_blocks(table) + 1).astype(int)
+    bounds = [*range(0, len(rows), task_rows), len(rows)] if len(rows) else [0, 0]
     return ray.data.from_pandas([rows.iloc[a:b] for a, b in itertools.pairwise(bounds)])
+
+
+@contextlib.contextmanager
+def _block_per_batch(cut: Blocks) -> Iterator[None]:
+    """Datasets made inside emit each ``map_batches`` batch as a block of its own: Ray Data
+    ends a block once it holds more than ``target_max_block_size`` bytes, and slices one only
+    past 1.5 times that, so a target of 3/4 of a full block's bytes does neither early (a
+    dataset takes the context as it is when made)."""
+    context = ray.data.DataContext.get_current()
+    kept = context.target_max_block_size
+    context.target_max_block_size = max(1, cut.block_bytes * 3 // 4)
+    try:
+        yield
+    finally:
+        context.target_max_block_size = kept
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -117,10 +205,23 @@ def warm_up(config: TrainConfig, processes: int) -> list[ray.ObjectRef]:
     """Start ``processes`` tasks that import the pipeline's modules into Ray's idle worker
     processes, where the first epoch's decode tasks run next, so that those imports overlap the
     caller's own set-up (a Train worker building its model) rather than delay the first batch.
-    Returns their refs; nothing need wait for them."""
+    Returns their refs; nothing need wait for them.
+
+    Also runs a dataset of one row, in a thread of this process: Ray Data's first execution in
+    a job starts the actors it keeps for the job (its autoscaling coordinator among them), and
+    runs with a CPU limit of 0, one task at a time, until the coordinator answers (3 s on 2
+    cores); done here, that start overlaps the caller's set-up too."""
     task = ray.remote(num_cpus=1)(_warm)
     args = (config.crop_height, config.crop_width, config.defect_crops)
-    return [task.remote(*args) for _ in range(max(1, processes))]
+    refs = [task.remote(*args) for _ in range(max(1, processes))]
+    threading.Thread(target=_start_ray_data, name="steelseg-ray-data-start", daemon=True).start()
+    return refs
+
+
+def _start_ray_data() -> None:
+    # only a head start: the epoch's own dataset reports any error
+    with contextlib.suppress(Exception):
+        ray.data.range(1).materialize()
 
 
 def ordered_context() -> None:
@@ -132,35 +233,39 @@ def ordered_context() -> None:
 
 
 def train_dataset(
-    rows: pd.DataFrame, config: TrainConfig, epoch: int, grey: bool = False
+    rows: pd.DataFrame, config: TrainConfig, epoch: int, grey: bool = False, cpus: int = 1
 ) -> ray.data.Dataset:
-    """A rank's training batches of ``epoch`` from its ``train_rows``: read (``read_batch``),
-    then augmented."""
-    read = {"modalities": config.modalities, "grey": grey}
-    # the ignores: Ray's map_batches annotation wants a function of the batch alone, leaving out
-    # fn_kwargs
-    return (
-        _from_table(rows, config.modalities)
-        .map_batches(read_batch, fn_kwargs=read, batch_size=8)  # type: ignore[arg-type]
-        .map_batches(
-            augment_batch,  # type: ignore[arg-type]
-            fn_kwargs={
-                "crop_height": config.crop_height,
-                "crop_width": config.crop_width,
-                "seed": config.seed,
-                "epoch": epoch,
-                "defect_crops": config.defect_crops,
-            },
-            batch_size=8,
+    """A rank's augmented training batches of ``epoch`` from its ``train_rows``
+    (``train_batch``), cut for the ``cpus`` Ray Data has for the rank (``train_blocks``)."""
+    cut = train_blocks(rows, config, grey, cpus)
+    augment = {
+        "modalities": config.modalities,
+        "grey": grey,
+        "crop_height": config.crop_height,
+        "crop_width": config.crop_width,
+        "seed": config.seed,
+        "epoch": epoch,
+        "defect_crops": config.defect_crops,
+    }
+    with _block_per_batch(cut):
+        # the ignore: Ray's map_batches annotation wants a function of the batch alone, leaving
+        # out fn_kwargs
+        return _from_table(rows, config.modalities, cut.task).map_batches(
+            train_batch,  # type: ignore[arg-type]
+            fn_kwargs=augment,
+            batch_size=cut.block,
         )
-    )
 
 
-def val_dataset(rows: pd.DataFrame, config: TrainConfig, grey: bool = False) -> ray.data.Dataset:
+def val_dataset(
+    rows: pd.DataFrame, config: TrainConfig, grey: bool = False, cpus: int = 1
+) -> ray.data.Dataset:
     """A rank's validation batches from its ``val_rows``: whole images, nothing random."""
+    cut = val_blocks(rows, config, grey, cpus)
     read = {"modalities": config.modalities, "grey": grey}
-    return (
-        _from_table(rows, config.modalities)
-        .map_batches(read_batch, fn_kwargs=read, batch_size=8)  # type: ignore[arg-type]
-        .drop_columns(["image_id", "sample"])
-    )
+    with _block_per_batch(cut):
+        return (
+            _from_table(rows, config.modalities, cut.task)
+            .map_batches(read_batch, fn_kwargs=read, batch_size=cut.block)  # type: ignore[arg-type]
+            .drop_columns(["image_id", "sample"])
+        )

@@ -75,7 +75,8 @@ class Worker:
             images, self.world, config.batch_size, config.grad_accum
         )
         # the pipeline's imports in Ray's idle processes while this one builds the model
-        pipeline.warm_up(config, data_cpus(config, context.get_local_world_size()))
+        self.data_cpus = data_cpus(config, context.get_local_world_size())
+        pipeline.warm_up(config, self.data_cpus)
         self.device = ray.train.torch.get_device()
         self.amp = autocast_dtype(self.device, config.amp) is not None
         self.channels_last = prefers_channels_last(self.device, self.amp)
@@ -134,7 +135,7 @@ class Worker:
         """The epoch's totals and the seconds spent waiting for batches."""
         config, training = self.config, self.training
         rows = pipeline.train_rows(self.train_table, config.seed, epoch, self.rank, self.world)
-        dataset = pipeline.train_dataset(rows, config, epoch, grey=self.grey)
+        dataset = pipeline.train_dataset(rows, config, epoch, self.grey, self.data_cpus)
         batches: Iterable = self._batches(dataset)
         left = self._steps_left()
         if left is not None:  # every rank stops at the same batch: they step together
@@ -173,7 +174,9 @@ class Worker:
         model = self.training.model
         broadcast_buffers(model)
         rows = pipeline.val_rows(self.val_table, self.rank, self.world)
-        dataset = pipeline.val_dataset(rows, self.config, self.grey) if len(rows) else None
+        dataset = None
+        if len(rows):
+            dataset = pipeline.val_dataset(rows, self.config, self.grey, self.data_cpus)
         return validate_one_epoch(
             model,
             self._batches(dataset),

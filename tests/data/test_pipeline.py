@@ -33,16 +33,32 @@ def test_demo_data_is_cached_per_modality_set(tmp_path, monkeypatch):
     assert demo_data(TrainConfig(synth_images=6)) == plain  # made once
 
 
-def test_blocks_hold_about_16m_pixels_and_8_to_256_images():
-    def sized(n, height, width):
-        return pd.DataFrame({"height": [height] * n, "width": [width] * n})
+def test_a_task_reads_about_a_second_of_images_in_whole_blocks_of_whole_batches():
+    cut = pipeline.blocks  # (rows, pixels read, bytes out a row, batch size, cpus)
+    crop = 256 * 800 * 2  # a grey 256x800 crop and its mask
+    # 2**25 // (8 * crop) = 10 batches a block; 2**27 // 409,600 = 327 -> 328 -> 5 blocks
+    assert cut(12_568, 256 * 1600, crop, 8) == (400, 80, 80 * crop)
+    # 8 CPUs: an epoch of 4,000 leaves at least 4 tasks a CPU (125 -> 128 -> 2 blocks)
+    assert cut(4000, 256 * 1600, crop, 8, cpus=8) == (160, 80, 80 * crop)
+    # an epoch of 3 images: one batch
+    assert cut(3, 256 * 1600, crop, 8) == (8, 8, 8 * crop)
+    # images larger than a block: a batch is a block, a task 2**27 // 2**24 = 8 rows
+    assert cut(100, 4096 * 4096, 4096 * 4096 * 4, 8) == (8, 8, 8 * 4096 * 4096 * 4)
+    # small whole images: an epoch of 1,000 in 4 tasks
+    assert cut(1000, 32 * 160, 32 * 160 * 2, 8) == (256, 256, 256 * 32 * 160 * 2)
+    assert cut(0, 32 * 160, 32 * 160 * 2, 8).task == 8
 
-    assert pipeline.rows_per_block(sized(1000, 256, 1600)) == 40  # 2**24 // 409,600
-    assert pipeline.n_blocks(sized(1000, 256, 1600)) == 25
-    assert pipeline.rows_per_block(sized(1000, 32, 160)) == 256
-    assert pipeline.n_blocks(sized(1000, 32, 160)) == 4
-    assert pipeline.rows_per_block(sized(10, 4096, 4096)) == 8
-    assert pipeline.n_blocks(sized(3, 256, 1600)) == 1
+
+def test_a_block_carries_the_bytes_the_consumer_receives():
+    table = pd.DataFrame({"height": [256] * 100, "width": [1600] * 100})
+    config = TrainConfig(crop_height=256, crop_width=800, batch_size=8)
+    grey = pipeline.train_blocks(table, config, grey=True, cpus=1)
+    assert grey == (32, 32, 32 * 256 * 800 * 2)  # 100 images: 4 tasks of 25 -> 32
+    # RGB: 3 bytes an image pixel and the mask's; validation reads whole images
+    rgb = pipeline.val_blocks(table, config, grey=False, cpus=1)
+    assert rgb.block_bytes == rgb.block * 256 * 1600 * 4
+    fused = TrainConfig(crop_height=256, crop_width=800, modalities=["visible", "ir"])
+    assert pipeline.train_blocks(table, fused, grey=False, cpus=1).block_bytes % 5 == 0
 
 
 def table_of(n: int) -> pd.DataFrame:

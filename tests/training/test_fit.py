@@ -496,6 +496,39 @@ def test_a_ranks_batches_of_an_epoch_are_the_same_in_every_run(cluster, synth_di
     np.testing.assert_array_equal(first[0]["image"], expected["image"])
 
 
+def test_an_epoch_comes_in_blocks_of_whole_batches_a_task_reading_several(
+    cluster, synth_dir, monkeypatch
+):
+    """The cut ``pipeline.blocks`` plans is what Ray Data runs: a block per ``map_batches``
+    batch (not one per task, Ray's default for blocks under its target size) and a task per
+    planned share of the epoch; the consumer gets every row once."""
+    import re
+
+    import ray.data
+
+    from steelseg.config import TrainConfig
+    from steelseg.data import catalog, pipeline
+
+    table = catalog.load(synth_dir, decode_images=False)  # 60 images of 32x160
+    config = TrainConfig(crop_height=32, crop_width=160, batch_size=4)
+    monkeypatch.setattr(pipeline, "BLOCK_BYTES", 3 * 4 * 32 * 160 * 2)  # 3 grey batches
+    cut = pipeline.train_blocks(table, config, grey=True, cpus=1)
+    assert cut.task == 24 and cut.block == 12  # 60 / 4 tasks = 15 -> 16 -> 2 blocks
+    context = ray.data.DataContext.get_current()
+    kept = (context.execution_options.preserve_order, context.target_max_block_size)
+    try:
+        pipeline.ordered_context()
+        dataset = pipeline.train_dataset(table, config, epoch=0, grey=True, cpus=1)
+        blocks = list(dataset.iter_batches(batch_size=None))
+        assert context.target_max_block_size == kept[1]  # the dataset's own, not the process's
+    finally:
+        context.execution_options.preserve_order = kept[0]
+    assert [len(b["sample"]) for b in blocks] == [12] * 5
+    assert blocks[0]["image"].shape == (12, 32, 160, 1)
+    assert sorted(np.concatenate([b["sample"] for b in blocks]).tolist()) == list(range(60))
+    assert re.search(r"MapBatches\(train_batch\): 3 tasks executed, 5 blocks", dataset.stats())
+
+
 def test_a_data_set_without_a_defect_is_warned_of_before_training(
     data_copy, tmp_path, steelseg_log
 ):
