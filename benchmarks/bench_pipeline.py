@@ -183,7 +183,7 @@ def parts(rows, config, grey: bool, limit: int = 64) -> dict[str, float]:
     for i in range(0, len(images), batch):
         out = augment.augment_batch(
             {"image": images[i : i + batch], "mask": masks[i : i + batch],
-             "sample": rows.index.to_numpy()[i : i + batch]},
+             "sample": np.arange(i, i + len(images[i : i + batch]))},
             config.crop_height, config.crop_width, config.seed,
         )  # fmt: skip
         {k: torch.from_numpy(v) for k, v in out.items()}

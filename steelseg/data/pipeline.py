@@ -26,7 +26,6 @@ batches without copying, where several batches of a block would be concatenated 
 
 import contextlib
 import itertools
-import threading
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -205,23 +204,10 @@ def warm_up(config: TrainConfig, processes: int) -> list[ray.ObjectRef]:
     """Start ``processes`` tasks that import the pipeline's modules into Ray's idle worker
     processes, where the first epoch's decode tasks run next, so that those imports overlap the
     caller's own set-up (a Train worker building its model) rather than delay the first batch.
-    Returns their refs; nothing need wait for them.
-
-    Also runs a dataset of one row, in a thread of this process: Ray Data's first execution in
-    a job starts the actors it keeps for the job (its autoscaling coordinator among them), and
-    runs with a CPU limit of 0, one task at a time, until the coordinator answers (3 s on 2
-    cores); done here, that start overlaps the caller's set-up too."""
+    Returns their refs; nothing need wait for them."""
     task = ray.remote(num_cpus=1)(_warm)
     args = (config.crop_height, config.crop_width, config.defect_crops)
-    refs = [task.remote(*args) for _ in range(max(1, processes))]
-    threading.Thread(target=_start_ray_data, name="steelseg-ray-data-start", daemon=True).start()
-    return refs
-
-
-def _start_ray_data() -> None:
-    # only a head start: the epoch's own dataset reports any error
-    with contextlib.suppress(Exception):
-        ray.data.range(1).materialize()
+    return [task.remote(*args) for _ in range(max(1, processes))]
 
 
 def ordered_context() -> None:
