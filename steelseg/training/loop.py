@@ -8,6 +8,7 @@ loss becomes NaN or infinite stops at the end of that epoch, all ranks together 
 all-reduced loss), without a checkpoint, and reports where (``diverged``).
 """
 
+import contextlib
 import itertools
 import math
 import os
@@ -136,7 +137,8 @@ class Worker:
         config, training = self.config, self.training
         rows = pipeline.train_rows(self.train_table, config.seed, epoch, self.rank, self.world)
         dataset = pipeline.train_dataset(rows, config, epoch, self.grey, self.data_cpus)
-        batches: Iterable = self._batches(dataset)
+        read = iter(self._batches(dataset))
+        batches: Iterable = read
         left = self._steps_left()
         if left is not None:  # every rank stops at the same batch: they step together
             batches = itertools.islice(batches, left * config.grad_accum)
@@ -149,19 +151,22 @@ class Worker:
                 self.log.writer.add_scalar("train/loss_step", loss.item(), first_step + i)
             self.sender.step(epoch + 1, i + 1, self.batches, loss)
 
-        totals = train_one_epoch(
-            self.model,
-            waited,
-            self.loss_fn,
-            training.optimizer,
-            training.scheduler,
-            self.device,
-            amp=self.amp,
-            channels_last=self.channels_last,
-            grad_accum=config.grad_accum,
-            on_step=on_step,
-            grey=self.grey,
-        )
+        # closed at the epoch's end: an epoch cut short by --max-steps stops its decoding, which
+        # would otherwise go on beside validation, holding the CPUs validation's tasks need
+        with contextlib.closing(read):  # type: ignore[type-var]
+            totals = train_one_epoch(
+                self.model,
+                waited,
+                self.loss_fn,
+                training.optimizer,
+                training.scheduler,
+                self.device,
+                amp=self.amp,
+                channels_last=self.channels_last,
+                grad_accum=config.grad_accum,
+                on_step=on_step,
+                grey=self.grey,
+            )
         training.global_step += -(-totals.images // config.batch_size)
         training.optimizer_steps += training.scheduler.last_epoch - first_schedule_step
         return totals, waited.seconds
