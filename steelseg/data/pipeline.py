@@ -105,33 +105,48 @@ class Blocks(NamedTuple):
 
 def blocks(rows: int, pixels: int, row_bytes: int, batch_size: int, cpus: int = 1) -> Blocks:
     """The cut of ``rows`` images of ``pixels`` each into tasks and blocks, when a row ends as
-    ``row_bytes`` in a block and the consumer takes batches of ``batch_size``: a block of about
-    ``BLOCK_BYTES`` in whole batches; a task of about ``TASK_PIXELS`` in whole blocks, made
-    smaller where the epoch would have fewer than ``TASKS_PER_CPU`` tasks for each of ``cpus``.
+    ``row_bytes`` in a block and the consumer takes batches of ``batch_size``.
+
+    A task reads about ``TASK_PIXELS``; an epoch has at least ``TASKS_PER_CPU`` tasks for each
+    of ``cpus``, as long as no task falls under a quarter of ``TASK_PIXELS`` (shorter tasks
+    spend their time waiting on the executor). Tasks are of equal size, in whole batches, and
+    a block is an equal share of its task of at most about ``BLOCK_BYTES``, in whole batches.
     """
-    block = max(1, BLOCK_BYTES // (row_bytes * batch_size)) * batch_size
-    task = int(np.clip(TASK_PIXELS // pixels, 1, MAX_ROWS_PER_TASK))
-    task = max(1, min(task, -(-rows // (TASKS_PER_CPU * max(1, cpus)))))
+    longest = int(np.clip(TASK_PIXELS // pixels, 1, MAX_ROWS_PER_TASK))
+    shortest = max(1, longest // 4)
+    wanted = min(TASKS_PER_CPU * max(1, cpus), -(-rows // shortest))
+    tasks = max(1, -(-rows // longest), wanted)
+    task = -(-max(1, rows) // tasks)
     task = -(-task // batch_size) * batch_size  # whole batches
-    block = min(block, task)
-    task = -(-task // block) * block  # whole blocks
-    return Blocks(task, block, block * row_bytes)
+    largest = max(1, BLOCK_BYTES // (row_bytes * batch_size)) * batch_size
+    shares = -(-task // largest)
+    block = -(-task // (shares * batch_size)) * batch_size
+    return Blocks(shares * block, block, block * row_bytes)
 
 
 def _channels(config: TrainConfig, grey: bool) -> int:
-    """A block's bytes per pixel: the image's channels and the mask's byte."""
-    return (1 if grey else in_channels(config.modalities)) + 1
+    """A block's bytes per pixel: the image's channels (a grey visible image is one, each
+    other modality one) and the mask's byte."""
+    return (len(config.modalities) if grey else in_channels(config.modalities)) + 1
+
+
+def _size(table: pd.DataFrame) -> tuple[int, int]:
+    """The largest height and width in ``table`` (1, 1 for no rows)."""
+    if table.empty:
+        return 1, 1
+    return int(table["height"].max()), int(table["width"].max())
 
 
 def train_blocks(table: pd.DataFrame, config: TrainConfig, grey: bool, cpus: int) -> Blocks:
-    height, width = int(table["height"].max()), int(table["width"].max())
+    height, width = _size(table)
     out = config.crop_height * config.crop_width or height * width
     row_bytes = out * _channels(config, grey)
     return blocks(len(table), height * width, row_bytes, config.batch_size, cpus)
 
 
 def val_blocks(table: pd.DataFrame, config: TrainConfig, grey: bool, cpus: int) -> Blocks:
-    pixels = int(table["height"].max()) * int(table["width"].max())
+    height, width = _size(table)
+    pixels = height * width
     return blocks(len(table), pixels, pixels * _channels(config, grey), config.batch_size, cpus)
 
 

@@ -36,29 +36,38 @@ def test_demo_data_is_cached_per_modality_set(tmp_path, monkeypatch):
 def test_a_task_reads_about_a_second_of_images_in_whole_blocks_of_whole_batches():
     cut = pipeline.blocks  # (rows, pixels read, bytes out a row, batch size, cpus)
     crop = 256 * 800 * 2  # a grey 256x800 crop and its mask
-    # 2**25 // (8 * crop) = 10 batches a block; 2**27 // 409,600 = 327 -> 328 -> 5 blocks
-    assert cut(12_568, 256 * 1600, crop, 8) == (400, 80, 80 * crop)
-    # 8 CPUs: an epoch of 4,000 leaves at least 4 tasks a CPU (125 -> 128 -> 2 blocks)
-    assert cut(4000, 256 * 1600, crop, 8, cpus=8) == (160, 80, 80 * crop)
-    # an epoch of 3 images: one batch
+    # 2**27 // 409,600 = 327 a task: 39 tasks of 323 -> 328 in whole batches; a block is at
+    # most 2**25 // (8 * crop) = 10 batches, so 5 blocks of 72
+    assert cut(12_568, 256 * 1600, crop, 8) == (360, 72, 72 * crop)
+    # 8 CPUs, 4,000 images: 32 tasks (4 a CPU) of 125 -> 128, 2 blocks of 64
+    assert cut(4000, 256 * 1600, crop, 8, cpus=8) == (128, 64, 64 * crop)
+    # 96 CPUs, 1,256 images: not 384 tasks of 4 images but 16 of 79 -> 80, a quarter of 327
+    assert cut(1256, 256 * 1600, crop, 8, cpus=96) == (80, 80, 80 * crop)
+    # an epoch of 3 images, or none: one batch
     assert cut(3, 256 * 1600, crop, 8) == (8, 8, 8 * crop)
+    assert cut(0, 256 * 1600, crop, 8).task == 8
     # images larger than a block: a batch is a block, a task 2**27 // 2**24 = 8 rows
     assert cut(100, 4096 * 4096, 4096 * 4096 * 4, 8) == (8, 8, 8 * 4096 * 4096 * 4)
-    # small whole images: an epoch of 1,000 in 4 tasks
-    assert cut(1000, 32 * 160, 32 * 160 * 2, 8) == (256, 256, 256 * 32 * 160 * 2)
-    assert cut(0, 32 * 160, 32 * 160 * 2, 8).task == 8
+    # small whole images: 1,000 of them are less than a task's pixels, one task of 1,000
+    assert cut(1000, 32 * 160, 32 * 160 * 2, 8) == (1000, 1000, 1000 * 32 * 160 * 2)
 
 
 def test_a_block_carries_the_bytes_the_consumer_receives():
     table = pd.DataFrame({"height": [256] * 100, "width": [1600] * 100})
     config = TrainConfig(crop_height=256, crop_width=800, batch_size=8)
     grey = pipeline.train_blocks(table, config, grey=True, cpus=1)
-    assert grey == (32, 32, 32 * 256 * 800 * 2)  # 100 images: 4 tasks of 25 -> 32
+    assert grey == (56, 56, 56 * 256 * 800 * 2)  # 100 images: 2 tasks of 50 -> 56
     # RGB: 3 bytes an image pixel and the mask's; validation reads whole images
     rgb = pipeline.val_blocks(table, config, grey=False, cpus=1)
     assert rgb.block_bytes == rgb.block * 256 * 1600 * 4
+    # visible and infrared: 3 + 1 channels, or 1 + 1 read grey, and the mask's byte
     fused = TrainConfig(crop_height=256, crop_width=800, modalities=["visible", "ir"])
-    assert pipeline.train_blocks(table, fused, grey=False, cpus=1).block_bytes % 5 == 0
+    rgb_ir = pipeline.train_blocks(table, fused, grey=False, cpus=1)
+    assert rgb_ir.block_bytes == rgb_ir.block * 256 * 800 * 5
+    grey_ir = pipeline.train_blocks(table, fused, grey=True, cpus=1)
+    assert grey_ir.block_bytes == grey_ir.block * 256 * 800 * 3
+    # a rank with no rows (a share of 0) is cut too
+    assert pipeline.train_blocks(table.iloc[:0], config, grey=True, cpus=1).task == 8
 
 
 def table_of(n: int) -> pd.DataFrame:

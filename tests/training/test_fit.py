@@ -501,7 +501,8 @@ def test_an_epoch_comes_in_blocks_of_whole_batches_a_task_reading_several(
 ):
     """The cut ``pipeline.blocks`` plans is what Ray Data runs: a block per ``map_batches``
     batch (not one per task, Ray's default for blocks under its target size) and a task per
-    planned share of the epoch; the consumer gets every row once."""
+    planned share of the epoch; the consumer gets every row once, and the same batches
+    whatever the cut (a run resumed on another cluster shape reads the same epoch)."""
     import re
 
     import ray.data
@@ -509,11 +510,12 @@ def test_an_epoch_comes_in_blocks_of_whole_batches_a_task_reading_several(
     from steelseg.config import TrainConfig
     from steelseg.data import catalog, pipeline
 
-    table = catalog.load(synth_dir, decode_images=False)  # 60 images of 32x160
+    table = catalog.load(synth_dir, decode_images=False)  # 60 images of 64x320
     config = TrainConfig(crop_height=32, crop_width=160, batch_size=4)
-    monkeypatch.setattr(pipeline, "BLOCK_BYTES", 3 * 4 * 32 * 160 * 2)  # 3 grey batches
+    monkeypatch.setattr(pipeline, "TASK_PIXELS", 24 * 64 * 320)  # 24 images a task at most
+    monkeypatch.setattr(pipeline, "BLOCK_BYTES", 2 * 4 * 32 * 160 * 2)  # 2 grey batches
     cut = pipeline.train_blocks(table, config, grey=True, cpus=1)
-    assert cut.task == 24 and cut.block == 12  # 60 / 4 tasks = 15 -> 16 -> 2 blocks
+    assert cut.task == 16 and cut.block == 8  # 4 tasks (a CPU's 4) of 15 -> 16, 2 blocks
     context = ray.data.DataContext.get_current()
     kept = (context.execution_options.preserve_order, context.target_max_block_size)
     try:
@@ -521,12 +523,20 @@ def test_an_epoch_comes_in_blocks_of_whole_batches_a_task_reading_several(
         dataset = pipeline.train_dataset(table, config, epoch=0, grey=True, cpus=1)
         blocks = list(dataset.iter_batches(batch_size=None))
         assert context.target_max_block_size == kept[1]  # the dataset's own, not the process's
+        other = pipeline.train_dataset(table, config, epoch=0, grey=True, cpus=8)
+        batches = list(other.iter_batches(batch_size=4))
     finally:
         context.execution_options.preserve_order = kept[0]
-    assert [len(b["sample"]) for b in blocks] == [12] * 5
-    assert blocks[0]["image"].shape == (12, 32, 160, 1)
+    assert [len(b["sample"]) for b in blocks] == [8] * 7 + [4]
+    assert blocks[0]["image"].shape == (8, 32, 160, 1)
     assert sorted(np.concatenate([b["sample"] for b in blocks]).tolist()) == list(range(60))
-    assert re.search(r"MapBatches\(train_batch\): 3 tasks executed, 5 blocks", dataset.stats())
+    assert re.search(r"MapBatches\(train_batch\): 4 tasks executed, 8 blocks", dataset.stats())
+    # 8 CPUs: not 32 tasks but 10 of 6 (a quarter of 24) -> 8, the same images in order
+    assert pipeline.train_blocks(table, config, grey=True, cpus=8).task == 8
+    np.testing.assert_array_equal(
+        np.concatenate([b["image"] for b in batches]),
+        np.concatenate([b["image"] for b in blocks]),
+    )
 
 
 def test_a_data_set_without_a_defect_is_warned_of_before_training(
