@@ -146,7 +146,9 @@ def main() -> None:
     print(table(found, [*columns, "gap_median_s", "gap_max_s"]))
     for row in found:
         print(f"epoch {row['epoch']} CPU seconds per second:", row["cpu_per_s"])
-    record(found, args.json, cut=pipeline.blocks.__doc__.split("\n")[0])
+    epoch_rows = pipeline.train_rows(rows, config.seed, 0, rank=0, world=1)
+    cut = pipeline.train_blocks(epoch_rows, config, grey=True, cpus=args.cpus)
+    record(found, args.json, cut=cut._asdict())
 
 
 if __name__ == "__main__":

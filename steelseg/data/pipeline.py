@@ -45,7 +45,7 @@ from steelseg.errors import SteelsegError
 TASK_PIXELS = 2**27
 MAX_ROWS_PER_TASK = 4096
 TASKS_PER_CPU = 4  # at least, an epoch's: its last tasks leave the other cores idle
-BLOCK_BYTES = 2**25  # what a block carries (32 MiB: 64 grey 256x800 crops and their masks)
+BLOCK_BYTES = 2**25  # what a block carries at most (32 MiB: 80 grey 256x800 crops and masks)
 
 
 def read_rows(
@@ -109,8 +109,9 @@ def blocks(rows: int, pixels: int, row_bytes: int, batch_size: int, cpus: int = 
 
     A task reads about ``TASK_PIXELS``; an epoch has at least ``TASKS_PER_CPU`` tasks for each
     of ``cpus``, as long as no task falls under a quarter of ``TASK_PIXELS`` (shorter tasks
-    spend their time waiting on the executor). Tasks are of equal size, in whole batches, and
-    a block is an equal share of its task of at most about ``BLOCK_BYTES``, in whole batches.
+    spend their time waiting on the executor). Tasks are of equal size (the last one the rest),
+    in whole batches, and a block is an equal share of its task of at most ``BLOCK_BYTES``, in
+    whole batches (at least one batch).
     """
     longest = int(np.clip(TASK_PIXELS // pixels, 1, MAX_ROWS_PER_TASK))
     shortest = max(1, longest // 4)
