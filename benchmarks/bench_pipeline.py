@@ -10,16 +10,15 @@ RLE decode of the 4 classes to class bits, then ``augment_batch``: random crop, 
 brightness/contrast, seeded per epoch and row) on each epoch's rows (``pipeline.train_rows``),
 ending as uint8 torch tensors in batches of ``--batch`` in the consuming process, which does
 nothing else (the GPU's step is not simulated). Ray runs with ``num_cpus`` = processes and the
-consumer iterates ``iter_torch_batches`` over ``pipeline.train_dataset``, as a Train worker does
-(a new dataset each epoch, cut for that many CPUs); the DataLoader runs ``num_workers`` =
+consumer iterates ``iter_torch_batches`` over one ``pipeline.train_dataset`` of all the epochs
+(cut for that many CPUs) and takes each epoch's batches with ``pipeline.epoch_batches``, as a
+Train worker does; the DataLoader runs ``num_workers`` =
 processes, persistent, with ``batch_size=None`` over the same rows in batches. The first epoch
 includes starting the processes; the figure compared is the best later epoch. Every epoch of both
 is checked to deliver every row of the epoch exactly once.
 
 An epoch is by default as long as a rank's share of the real data set on 3 ranks at 256x1600
-(4,000 images; at other sizes, as many pixels): Ray Data starts a new executor each epoch, which
-costs about a second whatever the epoch's length (docs/performance.md, Data pipeline), so a
-shorter epoch measures that second rather than the rate; ``--images`` sets another length.
+(4,000 images; at other sizes, as many pixels); ``--images`` sets another length.
 
 ``--channels``: ``grey`` reads the visible image as one channel (what training does on a data
 set of grey images, such as Severstal's), ``rgb`` as three; ``bytes_per_image`` is what a batch
@@ -150,10 +149,11 @@ def with_ray(
             ray.get(pipeline.warm_up(config, processes))
         warm_s = time.perf_counter() - started
         rates = []
-        for epoch in range(epochs):
-            epoch_rows = pipeline.train_rows(rows, config.seed, epoch, rank=0, world=1)
-            dataset = pipeline.train_dataset(epoch_rows, config, epoch, grey, cpus=processes)
-            batches = dataset.iter_torch_batches(batch_size=config.batch_size)
+        run = {e: pipeline.train_rows(rows, config.seed, e, rank=0, world=1) for e in range(epochs)}
+        dataset = pipeline.train_dataset(run, config, grey, cpus=processes)
+        blocks = iter(dataset.iter_torch_batches(batch_size=None))
+        for epoch, epoch_rows in run.items():
+            batches = pipeline.epoch_batches(blocks, len(epoch_rows), config.batch_size, epoch)
             n, seconds, nbytes = consume(batches, len(epoch_rows))
             rates.append(n / seconds)
         return rates, nbytes, dataset.stats(), warm_s

@@ -4,8 +4,9 @@ epoch's dataset, and how many decode tasks run, sampled at every scheduling deci
     python benchmarks/probe_ray_data_limits.py                     # 256x1600, 400 images
     python benchmarks/probe_ray_data_limits.py --size 64x320 --images 1562
 
-Ray starts with ``--cpus`` CPUs; each epoch reads its rows through ``pipeline.train_dataset`` and
-``iter_torch_batches``, as a Train worker does (a new dataset, so a new executor, each epoch).
+Ray starts with ``--cpus`` CPUs; each epoch reads its rows through a ``pipeline.train_dataset`` of
+its own and ``iter_torch_batches``: a new executor each epoch, as each validation has (a Train
+worker reads all its training epochs from one dataset).
 Ray Data 2.60 takes its limits from the reservation its autoscaling coordinator (an actor) makes
 for each executor; the resource manager asks for it without waiting and caches what it has for
 a second, so a new executor runs with CPU limits of 0 until the answer arrives, and meanwhile
@@ -67,7 +68,7 @@ def probe(
         ray.get(pipeline.warm_up(config, cpus))
         for epoch in range(epochs):
             epoch_rows = pipeline.train_rows(rows, config.seed, epoch, rank=0, world=1)
-            dataset = pipeline.train_dataset(epoch_rows, config, epoch, grey=True)
+            dataset = pipeline.train_dataset({epoch: epoch_rows}, config, grey=True)
             samples.clear()
             start[0] = time.perf_counter()
             if consumer == "torch":  # as a Train worker reads

@@ -1,12 +1,13 @@
 """Where Ray Data's time goes between the work: each decode process's busy share, the gaps
-between its tasks, and the CPU each process of the machine used, over epochs of
-``pipeline.train_dataset`` read as a Train worker reads them.
+between its tasks, and the CPU each process of the machine used, over epochs each read through a
+``pipeline.train_dataset`` of its own (a Train worker reads all its epochs from one), as a Train
+worker reads them.
 
     python benchmarks/probe_ray_data_tasks.py --data DATA --images 4000     # 256x1600 data
     python benchmarks/probe_ray_data_tasks.py --data DATA --task-pixels 16777216 --block-bytes 0
 
-Each ``map_batches`` call of ``pipeline.train_batch`` in a Ray worker appends (process, start,
-end, Ray task id) to a file; a task spans its calls, from the first's start to the last's end, so
+Each part ``pipeline.train_task`` augments in a Ray worker appends (process, start, end, Ray
+task id) to a file; a task spans its parts, from the first's start to the last's end, so
 its gap to the next task of its process holds the block it emits last, the executor noticing its
 end and the next task's dispatch and start. Per epoch it
 prints the images/s, each decode process's busy share of the epoch, the median work of a task,
@@ -36,18 +37,23 @@ CROPS = {(256, 1600): (256, 800)}
 
 
 def timed(spans: str):
-    """``pipeline.train_batch``, appending (pid, start, end) of each call to ``spans``."""
-    train_batch = pipeline.train_batch
+    """``pipeline.train_task``, appending (pid, start, end, task) of each part it augments to
+    ``spans``."""
+    train_task = pipeline.train_task
 
-    def timed_train_batch(batch, *args, **kwargs):
-        start = time.time()
-        out = train_batch(batch, *args, **kwargs)
+    def timed_train_task(rows, *args, **kwargs):
         task = ray.get_runtime_context().get_task_id()
-        with open(spans, "a") as f:
-            f.write(json.dumps([os.getpid(), start, time.time(), task]) + "\n")
-        return out
+        parts = train_task(rows, *args, **kwargs)
+        while True:
+            start = time.time()
+            out = next(parts, None)
+            if out is None:
+                return
+            with open(spans, "a") as f:
+                f.write(json.dumps([os.getpid(), start, time.time(), task]) + "\n")
+            yield out
 
-    return timed_train_batch
+    return timed_train_task
 
 
 def cpu_seconds() -> dict[tuple[int, str], float]:
@@ -84,7 +90,7 @@ def probe(rows, config, cpus: int, epochs: int, spans: str) -> list[dict]:
         for epoch in range(epochs):
             Path(spans).unlink(missing_ok=True)
             epoch_rows = pipeline.train_rows(rows, config.seed, epoch, rank=0, world=1)
-            dataset = pipeline.train_dataset(epoch_rows, config, epoch, grey=True, cpus=cpus)
+            dataset = pipeline.train_dataset({epoch: epoch_rows}, config, grey=True, cpus=cpus)
             before, start = cpu_seconds(), time.perf_counter()
             n = sum(len(b["image"]) for b in dataset.iter_torch_batches(batch_size=8))
             seconds = time.perf_counter() - start
@@ -138,7 +144,7 @@ def main() -> None:
     crop = CROPS.get(size, (0, 0))
     config = TrainConfig(data=args.data, batch_size=8, crop_height=crop[0], crop_width=crop[1])
     with tempfile.TemporaryDirectory() as tmp:
-        pipeline.train_batch = timed(str(Path(tmp) / "spans.jsonl"))
+        pipeline.train_task = timed(str(Path(tmp) / "spans.jsonl"))
         found = probe(rows, config, args.cpus, args.epochs, f"{tmp}/spans.jsonl")
     for row in found:
         row.update(size=f"{size[0]}x{size[1]}", task_pixels=pipeline.TASK_PIXELS)

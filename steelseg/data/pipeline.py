@@ -1,4 +1,5 @@
-"""Ray Data pipelines from the catalog table to a Train worker, one per rank and epoch.
+"""Ray Data pipelines from the catalog table to a Train worker: a rank's training batches of a
+whole run in one dataset, its validation batches in one an epoch.
 
 Rows hold paths and RLE strings; ``map_batches`` reads the JPEGs and decodes the masks into
 uint8 NumPy batches (``image`` (B, H, W, C), ``mask`` (B, H, W) with bit c set for class c + 1,
@@ -19,15 +20,18 @@ Ray Data task costs about a tenth of a second beyond its work (its dispatch, and
 noticing its end, which it checks at most every 0.1 s while another task runs), so a task reads
 about a second of images; an epoch still has a few tasks per CPU, so that its end leaves no
 core idle for long. A training task reads and augments each image in one function
-(``train_batch``), and emits one block per ``map_batches`` batch of about ``BLOCK_BYTES``, a
-whole number of training batches: a block of one chunk, which the consumer slices into
-batches without copying, where several batches of a block would be concatenated first.
+(``train_batch``), and emits each part it augments as a block of its own of about
+``BLOCK_BYTES``, a whole number of training batches: a block of one chunk, which the consumer
+slices into batches without copying, where several batches of a block would be concatenated
+first. A run
+reads its training epochs from one dataset: each new Ray Data executor runs one task for about
+a second before it uses its CPUs.
 """
 
 import contextlib
 import itertools
-from collections.abc import Iterator
-from typing import NamedTuple
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -155,20 +159,26 @@ def _columns(table: pd.DataFrame, modalities: list[str]) -> pd.DataFrame:
     return table[["image_id", *path_columns(modalities), *RLE_COLUMNS]].reset_index(drop=True)
 
 
+def _chunks(table: pd.DataFrame, modalities: list[str], task_rows: int) -> list[pd.DataFrame]:
+    """The rows in order, ``task_rows`` to a chunk (one task reads one), with ``sample``, each
+    row's place in the table, which seeds its crops."""
+    rows = _columns(table, modalities)
+    rows["sample"] = table.index.to_numpy()
+    bounds = [*range(0, len(rows), task_rows), len(rows)] if len(rows) else [0, 0]
+    return [rows.iloc[a:b] for a, b in itertools.pairwise(bounds)]
+
+
 def _from_table(table: pd.DataFrame, modalities: list[str], task_rows: int) -> ray.data.Dataset:
     """The rows in order, ``task_rows`` to a block (one task reads one)."""
-    rows = _columns(table, modalities)
-    rows["sample"] = table.index.to_numpy()  # the row's place in the table: seeds its crops
-    bounds = [*range(0, len(rows), task_rows), len(rows)] if len(rows) else [0, 0]
-    return ray.data.from_pandas([rows.iloc[a:b] for a, b in itertools.pairwise(bounds)])
+    return ray.data.from_pandas(_chunks(table, modalities, task_rows))
 
 
 @contextlib.contextmanager
 def _block_per_batch(cut: Blocks) -> Iterator[None]:
-    """Datasets made inside emit each ``map_batches`` batch as a block of its own: Ray Data
-    ends a block once it holds more than ``target_max_block_size`` bytes, and slices one only
-    past 1.5 times that, so a target of 3/4 of a full block's bytes does neither early (a
-    dataset takes the context as it is when made)."""
+    """Datasets made inside emit each batch a ``map_batches`` function returns or yields as a
+    block of its own: Ray Data ends a block once it holds more than ``target_max_block_size``
+    bytes, and slices one only past 1.5 times that, so a target of 3/4 of a full block's bytes
+    does neither early (a dataset takes the context as it is when made)."""
     context = ray.data.DataContext.get_current()
     kept = context.target_max_block_size
     context.target_max_block_size = max(1, cut.block_bytes * 3 // 4)
@@ -234,29 +244,96 @@ def ordered_context() -> None:
     context.enable_progress_bars = False
 
 
+def train_task(
+    rows: dict[str, np.ndarray],
+    block: int,
+    modalities: list[str],
+    grey: bool,
+    crop_height: int,
+    crop_width: int,
+    seed: int,
+    defect_crops: float = 0.0,
+) -> Iterator[dict[str, np.ndarray]]:
+    """A task's rows, all of one epoch (``epoch``), -> its blocks of ``block`` rows
+    (``train_batch``), each marked with the epoch."""
+    if not len(rows["epoch"]):
+        return
+    epoch = int(rows["epoch"][0])
+    if (rows["epoch"] != epoch).any():
+        raise ValueError(f"a training task's rows span epochs {sorted(set(rows['epoch']))}")
+    for start in range(0, len(rows["epoch"]), block):
+        part = {k: v[start : start + block] for k, v in rows.items() if k != "epoch"}
+        out = train_batch(
+            part, modalities, grey, crop_height, crop_width, seed, epoch, defect_crops
+        )
+        out["epoch"] = np.full(len(out["sample"]), epoch)
+        yield out
+
+
 def train_dataset(
-    rows: pd.DataFrame, config: TrainConfig, epoch: int, grey: bool = False, cpus: int = 1
+    epochs: Mapping[int, pd.DataFrame], config: TrainConfig, grey: bool = False, cpus: int = 1
 ) -> ray.data.Dataset:
-    """A rank's augmented training batches of ``epoch`` from its ``train_rows``
-    (``train_batch``), cut for the ``cpus`` Ray Data has for the rank (``train_blocks``)."""
-    cut = train_blocks(rows, config, grey, cpus)
+    """A rank's augmented training blocks of every epoch in ``epochs`` (epoch -> its
+    ``train_rows``, in the order they are trained), as one dataset, so one Ray Data executor
+    for the run: a new executor runs one task for about a second before it uses its CPUs, and
+    this one reads the next epoch's first images while the loop validates. Each task and block
+    holds one epoch's rows (column ``epoch``), whole batches but for an epoch's last block, cut
+    for the ``cpus`` Ray Data has for the rank (``train_blocks`` of the longest epoch);
+    ``epoch_batches`` takes an epoch's batches from them."""
+    if not epochs:
+        raise ValueError("a training dataset of no epochs")
+    longest = max(epochs.values(), key=len)
+    cut = train_blocks(longest, config, grey, cpus)
+    frames = [
+        chunk.assign(epoch=epoch)
+        for epoch, rows in epochs.items()
+        for chunk in _chunks(rows, config.modalities, cut.task)
+        if len(chunk)
+    ]
+    if not frames:  # a rank with no rows: one empty chunk, of the same columns
+        frames = [_chunks(longest, config.modalities, cut.task)[0].assign(epoch=0)]
     augment = {
+        "block": cut.block,
         "modalities": config.modalities,
         "grey": grey,
         "crop_height": config.crop_height,
         "crop_width": config.crop_width,
         "seed": config.seed,
-        "epoch": epoch,
         "defect_crops": config.defect_crops,
     }
     with _block_per_batch(cut):
-        # the ignore: Ray's map_batches annotation wants a function of the batch alone, leaving
-        # out fn_kwargs
-        return _from_table(rows, config.modalities, cut.task).map_batches(
-            train_batch,  # type: ignore[arg-type]
+        # batch_size=None: a task takes one chunk as it is (one epoch's rows), never bundling
+        # the end of an epoch with the start of the next; the ignore: Ray's map_batches
+        # annotation wants a function of the batch alone, leaving out fn_kwargs
+        return ray.data.from_pandas(frames).map_batches(
+            train_task,  # type: ignore[arg-type]
             fn_kwargs=augment,
-            batch_size=cut.block,
+            batch_size=None,
         )
+
+
+def epoch_batches(
+    blocks: Iterator[dict[str, Any]], rows: int, batch_size: int, epoch: int
+) -> Iterator[dict[str, Any]]:
+    """``epoch``'s ``rows`` in batches of ``batch_size`` (the last one the rest), sliced without
+    copying from the next blocks of a run's ``train_dataset`` (``iter_torch_batches`` with
+    ``batch_size=None``), leaving the next epoch's blocks in ``blocks``."""
+    left = rows
+    while left > 0:
+        block = next(blocks, None)
+        if block is None:
+            raise RuntimeError(f"the training data ended {left} rows before epoch {epoch}'s end")
+        n = len(block["epoch"])
+        if n == 0:
+            continue
+        got = int(block["epoch"][0])
+        if got != epoch or n > left:
+            raise RuntimeError(
+                f"a block of {n} rows of epoch {got} where epoch {epoch} has {left} rows left"
+            )
+        for start in range(0, n, batch_size):
+            yield {k: v[start : start + batch_size] for k, v in block.items() if k != "epoch"}
+        left -= n
 
 
 def val_dataset(

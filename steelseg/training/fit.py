@@ -288,6 +288,11 @@ def failed(config: TrainConfig, reason: str, metrics: dict | None = None) -> Fit
 
 # an exception's line in a traceback's text: "steelseg.errors.SteelsegError: message"
 EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", re.MULTILINE)
+# what Ray Data appends to the message of an error its task raised: "\nFailed to apply UDF
+# transform after 1/1 attempts (total backoff 0.0s).\nTo change retry attempts, ..."
+RAY_RETRY_NOTE = re.compile(
+    r"\s*Failed to [^\n]* after \d+/\d+ attempts \(total backoff.*", re.DOTALL
+)
 
 
 def _names_ours(error: BaseException) -> bool:
@@ -314,7 +319,7 @@ def failure_reason(error: BaseException) -> str:
         cause = getattr(cause, "cause", None) or cause.__cause__
     mine = [e for e in chain if isinstance(e, SteelsegError)]
     if mine:
-        return " ".join(str(mine[-1]).split())
+        return " ".join(RAY_RETRY_NOTE.sub("", str(mine[-1])).split())
     memory = next((m for e in chain if (m := memory_reason(str(e)))), None)
     if memory:
         return memory

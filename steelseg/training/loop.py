@@ -9,7 +9,6 @@ all-reduced loss), without a checkpoint, and reports where (``diverged``).
 """
 
 import contextlib
-import itertools
 import math
 import os
 import resource
@@ -18,6 +17,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import pandas as pd
 import ray
 import ray.data
 import ray.train
@@ -101,24 +101,50 @@ class Worker:
         self.nodes, self.pids = gather_workers()
 
     def run(self) -> None:
-        for epoch in range(self.start_epoch, self.config.epochs):
-            if self._steps_left() == 0:  # a resume of a run that reached --max-steps
-                break
-            started = time.perf_counter()
-            totals, data_wait = self._train_epoch(epoch)
-            validating = time.perf_counter()
-            val_sum, val_n, counts, samples = self._validate_epoch()
-            times = {
-                "data_wait": data_wait,
-                "step": validating - started - data_wait,
-                "validate": time.perf_counter() - validating,
-            }
-            metrics = self._epoch_metrics(epoch, totals, [val_sum, val_n], counts, times)
-            self._save(epoch, metrics, samples)
-            if "diverged" in metrics or self._steps_left() == 0:
-                break
+        epochs = self._epochs()
+        if not epochs:  # a resume of a run that reached --max-steps or its last epoch
+            return self._close_log()
+        config = self.config
+        dataset = pipeline.train_dataset(epochs, config, self.grey, self.data_cpus)
+        pin = self.device.type == "cuda"
+        blocks = iter(dataset.iter_torch_batches(batch_size=None, pin_memory=pin))
+        # closed at the run's end: a run that stops early (divergence) stops its decoding
+        with contextlib.closing(blocks):  # type: ignore[type-var]
+            for epoch, rows in epochs.items():
+                started = time.perf_counter()
+                batches = pipeline.epoch_batches(blocks, len(rows), config.batch_size, epoch)
+                totals, data_wait = self._train_epoch(epoch, batches)
+                validating = time.perf_counter()
+                val_sum, val_n, counts, samples = self._validate_epoch()
+                times = {
+                    "data_wait": data_wait,
+                    "step": validating - started - data_wait,
+                    "validate": time.perf_counter() - validating,
+                }
+                metrics = self._epoch_metrics(epoch, totals, [val_sum, val_n], counts, times)
+                self._save(epoch, metrics, samples)
+                if "diverged" in metrics or self._steps_left() == 0:
+                    break
+        self._close_log()
+
+    def _close_log(self) -> None:
         if self.log:
             self.log.close()
+
+    def _epochs(self) -> dict[int, pd.DataFrame]:
+        """Each epoch this attempt trains, with the rows this rank reads in it
+        (``pipeline.train_rows``), the rows past ``max_steps`` left out: every rank stops at the
+        same batch, as they step together."""
+        config, epochs, left = self.config, {}, self._steps_left()
+        for epoch in range(self.start_epoch, config.epochs):
+            if left == 0:
+                break
+            rows = pipeline.train_rows(self.train_table, config.seed, epoch, self.rank, self.world)
+            if left is not None:
+                rows = rows.iloc[: left * config.grad_accum * config.batch_size]
+                left = max(0, left - self.steps)
+            epochs[epoch] = rows
+        return epochs
 
     def _steps_left(self) -> int | None:
         """Optimizer steps left before ``max_steps`` (None: no limit)."""
@@ -132,16 +158,9 @@ class Worker:
         pin = self.device.type == "cuda"
         return dataset.iter_torch_batches(batch_size=self.config.batch_size, pin_memory=pin)
 
-    def _train_epoch(self, epoch: int) -> tuple[EpochTotals, float]:
-        """The epoch's totals and the seconds spent waiting for batches."""
+    def _train_epoch(self, epoch: int, batches: Iterable) -> tuple[EpochTotals, float]:
+        """The epoch's totals and the seconds spent waiting for ``batches``."""
         config, training = self.config, self.training
-        rows = pipeline.train_rows(self.train_table, config.seed, epoch, self.rank, self.world)
-        dataset = pipeline.train_dataset(rows, config, epoch, self.grey, self.data_cpus)
-        read = iter(self._batches(dataset))
-        batches: Iterable = read
-        left = self._steps_left()
-        if left is not None:  # every rank stops at the same batch: they step together
-            batches = itertools.islice(batches, left * config.grad_accum)
         waited = Waited(batches)
         first_step, first_schedule_step = training.global_step, training.scheduler.last_epoch
 
@@ -151,22 +170,19 @@ class Worker:
                 self.log.writer.add_scalar("train/loss_step", loss.item(), first_step + i)
             self.sender.step(epoch + 1, i + 1, self.batches, loss)
 
-        # closed at the epoch's end: an epoch cut short by --max-steps stops its decoding, which
-        # would otherwise go on beside validation, holding the CPUs validation's tasks need
-        with contextlib.closing(read):  # type: ignore[type-var]
-            totals = train_one_epoch(
-                self.model,
-                waited,
-                self.loss_fn,
-                training.optimizer,
-                training.scheduler,
-                self.device,
-                amp=self.amp,
-                channels_last=self.channels_last,
-                grad_accum=config.grad_accum,
-                on_step=on_step,
-                grey=self.grey,
-            )
+        totals = train_one_epoch(
+            self.model,
+            waited,
+            self.loss_fn,
+            training.optimizer,
+            training.scheduler,
+            self.device,
+            amp=self.amp,
+            channels_last=self.channels_last,
+            grad_accum=config.grad_accum,
+            on_step=on_step,
+            grey=self.grey,
+        )
         training.global_step += -(-totals.images // config.batch_size)
         training.optimizer_steps += training.scheduler.last_epoch - first_schedule_step
         return totals, waited.seconds

@@ -127,3 +127,26 @@ def test_a_grey_batch_becomes_on_the_device_what_its_rgb_batch_would():
     np.testing.assert_array_equal(found[True]["mask"], found[False]["mask"])
     assert torch.equal(found[True, "x"], found[False, "x"])
     assert found[True, "x"].shape == (3, 3, 256, 800)
+
+
+def _block(epoch: int, samples: range) -> dict[str, np.ndarray]:
+    return {"epoch": np.full(len(samples), epoch), "sample": np.array(samples)}
+
+
+def test_an_epochs_batches_end_at_its_last_row_and_leave_the_next_epochs_blocks():
+    blocks = iter([_block(0, range(8)), _block(0, range(8, 11)), _block(1, range(8))])
+    first = list(pipeline.epoch_batches(blocks, 11, 4, epoch=0))
+    assert [b["sample"].tolist() for b in first] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
+    assert "epoch" not in first[0]
+    second = list(pipeline.epoch_batches(blocks, 8, 4, epoch=1))
+    assert [len(b["sample"]) for b in second] == [4, 4]
+    assert next(blocks, None) is None
+
+
+def test_an_epoch_given_another_epochs_rows_or_too_few_fails_naming_both():
+    with pytest.raises(RuntimeError, match="a block of 8 rows of epoch 1 where epoch 0 has 8"):
+        list(pipeline.epoch_batches(iter([_block(1, range(8))]), 8, 4, epoch=0))
+    with pytest.raises(RuntimeError, match="a block of 8 rows of epoch 0 where epoch 0 has 6"):
+        list(pipeline.epoch_batches(iter([_block(0, range(8))]), 6, 4, epoch=0))
+    with pytest.raises(RuntimeError, match="ended 4 rows before epoch 2's end"):
+        list(pipeline.epoch_batches(iter([_block(2, range(4))]), 8, 4, epoch=2))

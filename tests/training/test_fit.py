@@ -403,6 +403,10 @@ def test_the_reason_of_a_failed_run_is_the_workers_own_error_on_one_line():
     error = WorkerGroupError("Worker 1 failed:\nTraceback ...", {1: ValueError("x"),
                                                                     0: data_error})  # fmt: skip
     assert failure_reason(error) == "s3://b/d/train_images/a.jpg: no such image"
+    # the error as Ray Data's task raised it again, with its note on retries appended
+    note = "Failed to apply UDF transform after 1/1 attempts (total backoff 0.0s).\nTo change"
+    noted = SteelsegError(f"/d/a.jpg: no such image\n{note} retry attempts, ... transient.")
+    assert failure_reason(WorkerGroupError("...", {0: noted})) == "/d/a.jpg: no such image"
     other = WorkerGroupError("...", {0: ZeroDivisionError("division by zero")})
     assert failure_reason(other) == "ZeroDivisionError: division by zero"
     assert failure_reason(ControllerError(KeyError("k"))) == "KeyError: 'k'"
@@ -455,9 +459,10 @@ def test_a_run_whose_worker_fails_ends_in_one_line_naming_the_workers_error(
 
 
 def test_a_ranks_batches_of_an_epoch_are_the_same_in_every_run(cluster, synth_dir):
-    """Ray Data on the test cluster, twice for the same rank and epoch (as a resumed run reads
-    it): the same images in the same order with the same crops; another epoch differs; the
-    two ranks together read every image exactly once an epoch."""
+    """Ray Data on the test cluster: a run's one dataset of epochs 2 and 3, and a run resumed at
+    epoch 3, read the same images in the same order with the same crops at epoch 3 (as does a
+    run of epoch 2 alone at 2); another epoch differs; the two ranks together read every image
+    exactly once an epoch; nothing is left after the run's last epoch."""
     import ray.data
 
     from steelseg.config import TrainConfig
@@ -470,39 +475,42 @@ def test_a_ranks_batches_of_an_epoch_are_the_same_in_every_run(cluster, synth_di
     try:
         pipeline.ordered_context()
 
-        def read(epoch, rank=1):
-            rows = pipeline.train_rows(table, config.seed, epoch, rank=rank, world=2)
-            dataset = pipeline.train_dataset(rows, config, epoch)
-            return list(dataset.iter_batches(batch_size=4))
+        def read(epochs, rank=1):
+            rows = {e: pipeline.train_rows(table, config.seed, e, rank, world=2) for e in epochs}
+            blocks = iter(pipeline.train_dataset(rows, config).iter_batches(batch_size=None))
+            read = {e: list(pipeline.epoch_batches(blocks, len(r), 4, e)) for e, r in rows.items()}
+            assert next(blocks, None) is None
+            return read
 
-        first, again, other = read(2), read(2), read(3)
-        rank_0 = read(2, rank=0)
+        run, resumed, first = read([2, 3]), read([3]), read([2])
+        rank_0 = read([2], rank=0)
     finally:
         context.execution_options.preserve_order, context.enable_progress_bars = kept
-    assert sum(len(b["image"]) for b in first) == 30  # half of 60
-    seen = np.concatenate([b["sample"] for b in first + rank_0])
+    assert [len(b["image"]) for b in run[2]] == [4] * 7 + [2]  # half of 60, in batches of 4
+    seen = np.concatenate([b["sample"] for b in run[2] + rank_0[2]])
     assert sorted(seen.tolist()) == list(range(60))  # every row of the table, once
-    for a, b in zip(first, again, strict=True):
+    for a, b in [*zip(run[3], resumed[3], strict=True), *zip(run[2], first[2], strict=True)]:
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["mask"], b["mask"])
-    assert not all(np.array_equal(a["image"], b["image"]) for a, b in zip(first, other))
+    assert not all(np.array_equal(a["image"], b["image"]) for a, b in zip(run[2], run[3]))
     # each row cropped as its own seed, epoch and place in the table say, whatever its batch:
     # the first 4 rows read and augmented here, in this process
     from steelseg.data.augment import augment_batch
 
-    rows = pipeline.train_rows(table, config.seed, 2, rank=1, world=2).iloc[:4]
+    rows = pipeline.train_rows(table, config.seed, 3, rank=1, world=2).iloc[:4]
     batch = pipeline.read_batch({c: rows[c].to_numpy() for c in rows}, config.modalities)
-    expected = augment_batch({**batch, "sample": rows.index.to_numpy()}, 32, 160, 3, epoch=2)
-    np.testing.assert_array_equal(first[0]["image"], expected["image"])
+    expected = augment_batch({**batch, "sample": rows.index.to_numpy()}, 32, 160, 3, epoch=3)
+    np.testing.assert_array_equal(run[3][0]["image"], expected["image"])
 
 
 def test_an_epoch_comes_in_blocks_of_whole_batches_a_task_reading_several(
     cluster, synth_dir, monkeypatch
 ):
-    """The cut ``pipeline.blocks`` plans is what Ray Data runs: a block per ``map_batches``
-    batch (not one per task, Ray's default for blocks under its target size) and a task per
-    planned share of the epoch; the consumer gets every row once, and the same batches
-    whatever the cut (a run resumed on another cluster shape reads the same epoch)."""
+    """The cut ``pipeline.blocks`` plans is what Ray Data runs: a block per part a task
+    augments (not one per task, Ray's default for blocks under its target size) and a task per
+    planned share of an epoch, never one spanning two epochs (an epoch's last chunk of 1 row
+    stays its own); the consumer gets every row once, and the same batches whatever the cut (a
+    run resumed on another cluster shape reads the same epoch)."""
     import re
 
     import ray.data
@@ -520,23 +528,29 @@ def test_an_epoch_comes_in_blocks_of_whole_batches_a_task_reading_several(
     kept = (context.execution_options.preserve_order, context.target_max_block_size)
     try:
         pipeline.ordered_context()
-        dataset = pipeline.train_dataset(table, config, epoch=0, grey=True, cpus=1)
+        dataset = pipeline.train_dataset({0: table}, config, grey=True, cpus=1)
         blocks = list(dataset.iter_batches(batch_size=None))
         assert context.target_max_block_size == kept[1]  # the dataset's own, not the process's
-        other = pipeline.train_dataset(table, config, epoch=0, grey=True, cpus=8)
+        other = pipeline.train_dataset({0: table}, config, grey=True, cpus=8)
         batches = list(other.iter_batches(batch_size=4))
+        # two epochs of 49 rows: tasks of 16, 16, 16 and 1 each
+        two = pipeline.train_dataset({0: table.iloc[:49], 1: table.iloc[:49]}, config, True)
+        two_blocks = [
+            (int(b["epoch"][0]), len(b["epoch"])) for b in two.iter_batches(batch_size=None)
+        ]
     finally:
         context.execution_options.preserve_order = kept[0]
     assert [len(b["sample"]) for b in blocks] == [8] * 7 + [4]
     assert blocks[0]["image"].shape == (8, 32, 160, 1)
     assert sorted(np.concatenate([b["sample"] for b in blocks]).tolist()) == list(range(60))
-    assert re.search(r"MapBatches\(train_batch\): 4 tasks executed, 8 blocks", dataset.stats())
+    assert re.search(r"MapBatches\(train_task\): 4 tasks executed, 8 blocks", dataset.stats())
     # 8 CPUs: not 32 tasks but 10 of 6 (a quarter of 24) -> 8, the same images in order
     assert pipeline.train_blocks(table, config, grey=True, cpus=8).task == 8
     np.testing.assert_array_equal(
         np.concatenate([b["image"] for b in batches]),
         np.concatenate([b["image"] for b in blocks]),
     )
+    assert two_blocks == [(0, 8)] * 6 + [(0, 1)] + [(1, 8)] * 6 + [(1, 1)]
 
 
 def test_a_data_set_without_a_defect_is_warned_of_before_training(
