@@ -149,13 +149,15 @@ def with_ray(
             ray.get(pipeline.warm_up(config, processes))
         warm_s = time.perf_counter() - started
         rates = []
-        run = {e: pipeline.train_rows(rows, config.seed, e, rank=0, world=1) for e in range(epochs)}
-        dataset = pipeline.train_dataset(run, config, grey, cpus=processes)
+        run = {e: pipeline.train_samples(len(rows), config.seed, e, 0, 1) for e in range(epochs)}
+        dataset = pipeline.train_dataset(rows, run, config, grey, cpus=processes)
         blocks = iter(dataset.iter_torch_batches(batch_size=None))
-        for epoch, epoch_rows in run.items():
-            batches = pipeline.epoch_batches(blocks, len(epoch_rows), config.batch_size, epoch)
-            n, seconds, nbytes = consume(batches, len(epoch_rows))
+        for epoch, places in run.items():
+            batches = pipeline.epoch_batches(blocks, len(places), config.batch_size, epoch)
+            n, seconds, nbytes = consume(batches, len(places))
             rates.append(n / seconds)
+        if next(blocks, None) is not None:
+            raise AssertionError("rows left after the last epoch")
         return rates, nbytes, dataset.stats(), warm_s
     finally:
         ray.shutdown()

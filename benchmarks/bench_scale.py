@@ -1099,7 +1099,8 @@ def pipeline_epoch(data: str, crop: tuple[int, int], batch: int, grey: bool) -> 
         ray.data.DataContext.get_current().enable_progress_bars = False
         pipeline.ordered_context()
         epoch_rows = pipeline.train_rows(rows, config.seed, 0, rank=0, world=1)
-        dataset = pipeline.train_dataset({0: epoch_rows}, config, grey=grey)
+        places = {0: epoch_rows.index.to_numpy()}
+        dataset = pipeline.train_dataset(rows, places, config, grey=grey)
         batches = iter(dataset.iter_torch_batches(batch_size=batch))
         start = time.perf_counter()
         head = next(batches)

@@ -68,7 +68,8 @@ def probe(
         ray.get(pipeline.warm_up(config, cpus))
         for epoch in range(epochs):
             epoch_rows = pipeline.train_rows(rows, config.seed, epoch, rank=0, world=1)
-            dataset = pipeline.train_dataset({epoch: epoch_rows}, config, grey=True)
+            places = {epoch: epoch_rows.index.to_numpy()}
+            dataset = pipeline.train_dataset(rows, places, config, grey=True)
             samples.clear()
             start[0] = time.perf_counter()
             if consumer == "torch":  # as a Train worker reads

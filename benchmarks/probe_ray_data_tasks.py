@@ -90,7 +90,8 @@ def probe(rows, config, cpus: int, epochs: int, spans: str) -> list[dict]:
         for epoch in range(epochs):
             Path(spans).unlink(missing_ok=True)
             epoch_rows = pipeline.train_rows(rows, config.seed, epoch, rank=0, world=1)
-            dataset = pipeline.train_dataset({epoch: epoch_rows}, config, grey=True, cpus=cpus)
+            places = {epoch: epoch_rows.index.to_numpy()}
+            dataset = pipeline.train_dataset(rows, places, config, grey=True, cpus=cpus)
             before, start = cpu_seconds(), time.perf_counter()
             n = sum(len(b["image"]) for b in dataset.iter_torch_batches(batch_size=8))
             seconds = time.perf_counter() - start

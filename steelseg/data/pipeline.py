@@ -1,13 +1,15 @@
 """Ray Data pipelines from the catalog table to a Train worker: a rank's training batches of a
 whole run in one dataset, its validation batches in one an epoch.
 
-Rows hold paths and RLE strings; ``map_batches`` reads the JPEGs and decodes the masks into
+A validation dataset's rows hold paths and RLE strings; a training dataset's an epoch and a
+place in the run's table of them, which the object store holds once. ``map_batches`` reads the
+JPEGs and decodes the masks into
 uint8 NumPy batches (``image`` (B, H, W, C), ``mask`` (B, H, W) with bit c set for class c + 1,
 so all four classes cost one byte a pixel in the object store); the training set is then
 augmented with albumentations. Floats appear only on the worker (``steelseg.model.inputs``).
 
 What a rank reads is a function of the seed, the epoch, its rank and the world size alone
-(``train_rows``, ``val_rows``): each epoch the small table of paths is permuted by an
+(``train_samples``, ``val_rows``): each epoch the small table of paths is permuted by an
 epoch-seeded generator and cut into equal shares, one a rank (DDP steps together; the few rows
 left over wait for another epoch), and every crop and flip is seeded by the seed, the epoch and
 the row. So a run stopped and resumed at epoch k reads at epoch k exactly what the
@@ -16,16 +18,16 @@ image. Validation gives every image to one rank (``val_rows``): the counts are s
 ranks afterwards, so the shares need not be equal.
 
 How the work is cut (``Blocks``; docs/performance.md, Data pipeline, has the measurements): a
-Ray Data task costs about a tenth of a second beyond its work (its dispatch, and the executor
+Ray Data task costs a tenth of a second or more beyond its work (its dispatch, and the executor
 noticing its end, which it checks at most every 0.1 s while another task runs), so a task reads
-about a second of images; an epoch still has a few tasks per CPU, so that its end leaves no
-core idle for long. A training task reads and augments each image in one function
+seconds of images, and each of a rank's CPUs has a task of every epoch. A rank reads all its
+training epochs from one dataset, so an epoch's end leaves no core idle (the next epoch's tasks
+are already running) and the executor's start, about a second of one task before it uses its
+CPUs, comes once a run. A training task reads and augments each image in one function
 (``train_batch``), and emits each part it augments as a block of its own of about
 ``BLOCK_BYTES``, a whole number of training batches: a block of one chunk, which the consumer
 slices into batches without copying, where several batches of a block would be concatenated
-first. A run
-reads its training epochs from one dataset: each new Ray Data executor runs one task for about
-a second before it uses its CPUs.
+first.
 """
 
 import contextlib
@@ -45,10 +47,12 @@ from steelseg.data.images import in_channels, path_columns, read_stack
 from steelseg.domain import RLE_COLUMNS
 from steelseg.errors import SteelsegError
 
-# a task reads about this many pixels: a second of decoding on one core at 256x1600
-TASK_PIXELS = 2**27
+# a task reads about this many pixels: 1,310 images at 256x1600, 3.5 s of decoding on one core
+TASK_PIXELS = 2**29
 MAX_ROWS_PER_TASK = 4096
-TASKS_PER_CPU = 4  # at least, an epoch's: its last tasks leave the other cores idle
+# at least, an epoch's: each of a rank's CPUs has a task of every epoch (and the tasks it runs
+# ahead of the one the loop reads hold at most about an epoch's output)
+TASKS_PER_CPU = 1
 BLOCK_BYTES = 2**25  # what a block carries at most (32 MiB: 80 grey 256x800 crops and masks)
 
 
@@ -112,10 +116,10 @@ def blocks(rows: int, pixels: int, row_bytes: int, batch_size: int, cpus: int = 
     ``row_bytes`` in a block and the consumer takes batches of ``batch_size``.
 
     A task reads about ``TASK_PIXELS``; an epoch has at least ``TASKS_PER_CPU`` tasks for each
-    of ``cpus``, as long as no task falls under a quarter of ``TASK_PIXELS`` (shorter tasks
-    spend their time waiting on the executor). Tasks are of equal size (the last one the rest),
-    in whole batches, and a block is an equal share of its task of at most ``BLOCK_BYTES``, in
-    whole batches (at least one batch).
+    of ``cpus``, as long as no task falls under a quarter of ``TASK_PIXELS`` (a task costs Ray
+    Data a tenth of a second or more beyond its work). Tasks are of equal size (the last one
+    the rest), in whole batches, and a block is an equal share of its task of at most
+    ``BLOCK_BYTES``, in whole batches (at least one batch).
     """
     longest = int(np.clip(TASK_PIXELS // pixels, 1, MAX_ROWS_PER_TASK))
     shortest = max(1, longest // 4)
@@ -159,18 +163,11 @@ def _columns(table: pd.DataFrame, modalities: list[str]) -> pd.DataFrame:
     return table[["image_id", *path_columns(modalities), *RLE_COLUMNS]].reset_index(drop=True)
 
 
-def _chunks(table: pd.DataFrame, modalities: list[str], task_rows: int) -> list[pd.DataFrame]:
-    """The rows in order, ``task_rows`` to a chunk (one task reads one), with ``sample``, each
-    row's place in the table, which seeds its crops."""
-    rows = _columns(table, modalities)
-    rows["sample"] = table.index.to_numpy()
-    bounds = [*range(0, len(rows), task_rows), len(rows)] if len(rows) else [0, 0]
-    return [rows.iloc[a:b] for a, b in itertools.pairwise(bounds)]
-
-
 def _from_table(table: pd.DataFrame, modalities: list[str], task_rows: int) -> ray.data.Dataset:
     """The rows in order, ``task_rows`` to a block (one task reads one)."""
-    return ray.data.from_pandas(_chunks(table, modalities, task_rows))
+    rows = _columns(table, modalities)
+    bounds = [*range(0, len(rows), task_rows), len(rows)] if len(rows) else [0, 0]
+    return ray.data.from_pandas([rows.iloc[a:b] for a, b in itertools.pairwise(bounds)])
 
 
 @contextlib.contextmanager
@@ -194,12 +191,18 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def train_samples(n: int, seed: int, epoch: int, rank: int, world: int) -> np.ndarray:
+    """The places in a training table of ``n`` rows of the rows ``rank`` of ``world`` reads in
+    ``epoch``, in order: an equal share of the epoch's order (``n // world`` rows)."""
+    share = n // world
+    return epoch_order(n, seed, epoch)[rank * share : (rank + 1) * share]
+
+
 def train_rows(table: pd.DataFrame, seed: int, epoch: int, rank: int, world: int) -> pd.DataFrame:
-    """The training rows ``rank`` of ``world`` reads in ``epoch``, in order: an equal share of
-    the epoch's order (``len(table) // world`` rows)."""
-    share = len(table) // world
-    order = epoch_order(len(table), seed, epoch)[rank * share : (rank + 1) * share]
-    return table.reset_index(drop=True).iloc[order]
+    """The training rows ``rank`` of ``world`` reads in ``epoch``, in order
+    (``train_samples``), indexed by their places in the table."""
+    samples = train_samples(len(table), seed, epoch, rank, world)
+    return table.reset_index(drop=True).iloc[samples]
 
 
 def val_rows(table: pd.DataFrame, rank: int, world: int) -> pd.DataFrame:
@@ -244,8 +247,23 @@ def ordered_context() -> None:
     context.enable_progress_bars = False
 
 
+# the training tables this process's tasks were given, by their object's id: fetched once
+_TABLES: dict[str, pd.DataFrame] = {}
+
+
+def _table(ref: ray.ObjectRef) -> pd.DataFrame:
+    """The table behind ``ref``, fetched once a process: a run's tasks share it."""
+    key = ref.hex()
+    if key not in _TABLES:
+        if len(_TABLES) >= 4:  # runs come and go in a long-lived Ray worker process
+            _TABLES.clear()
+        _TABLES[key] = ray.get(ref)
+    return _TABLES[key]
+
+
 def train_task(
     rows: dict[str, np.ndarray],
+    table: ray.ObjectRef,
     block: int,
     modalities: list[str],
     grey: bool,
@@ -254,45 +272,62 @@ def train_task(
     seed: int,
     defect_crops: float = 0.0,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """A task's rows, all of one epoch (``epoch``), -> its blocks of ``block`` rows
-    (``train_batch``), each marked with the epoch."""
+    """A task's rows (``epoch``, and ``sample``, a row's place in the run's ``table``), all of
+    one epoch, -> its blocks of ``block`` rows (``train_batch``), each marked with the epoch."""
     if not len(rows["epoch"]):
         return
     epoch = int(rows["epoch"][0])
     if (rows["epoch"] != epoch).any():
         raise ValueError(f"a training task's rows span epochs {sorted(set(rows['epoch']))}")
+    paths = _table(table)
     for start in range(0, len(rows["epoch"]), block):
-        part = {k: v[start : start + block] for k, v in rows.items() if k != "epoch"}
+        samples = rows["sample"][start : start + block]
+        part = {c: paths[c].to_numpy()[samples] for c in paths.columns}
         out = train_batch(
-            part, modalities, grey, crop_height, crop_width, seed, epoch, defect_crops
+            {**part, "sample": samples},
+            modalities,
+            grey,
+            crop_height,
+            crop_width,
+            seed,
+            epoch,
+            defect_crops,
         )
-        out["epoch"] = np.full(len(out["sample"]), epoch)
+        out["epoch"] = np.full(len(samples), epoch)
         yield out
 
 
 def train_dataset(
-    epochs: Mapping[int, pd.DataFrame], config: TrainConfig, grey: bool = False, cpus: int = 1
+    table: pd.DataFrame,
+    epochs: Mapping[int, np.ndarray],
+    config: TrainConfig,
+    grey: bool = False,
+    cpus: int = 1,
 ) -> ray.data.Dataset:
-    """A rank's augmented training blocks of every epoch in ``epochs`` (epoch -> its
-    ``train_rows``, in the order they are trained), as one dataset, so one Ray Data executor
-    for the run: a new executor runs one task for about a second before it uses its CPUs, and
-    this one reads the next epoch's first images while the loop validates. Each task and block
-    holds one epoch's rows (column ``epoch``), whole batches but for an epoch's last block, cut
-    for the ``cpus`` Ray Data has for the rank (``train_blocks`` of the longest epoch);
-    ``epoch_batches`` takes an epoch's batches from them."""
+    """A rank's augmented training blocks of every epoch in ``epochs`` (epoch -> the places in
+    ``table`` of the rows it reads, in order: ``train_samples``), in the order of the run, as
+    one dataset: one Ray Data executor for the run, since a new one runs one task for about a
+    second before it uses its CPUs, and it reads the next epoch's first images while the loop
+    validates. The table of paths and RLE strings is put in the object store once and fetched
+    once by each process that reads it; the dataset's own rows are an epoch and a place each.
+    A task and a block hold one epoch's rows (column ``epoch``), whole batches but for an
+    epoch's last block, cut for the ``cpus`` Ray Data has for the rank (``train_blocks`` of the
+    longest epoch); ``epoch_batches`` takes an epoch's batches from them."""
     if not epochs:
         raise ValueError("a training dataset of no epochs")
+    table = table.reset_index(drop=True)
     longest = max(epochs.values(), key=len)
-    cut = train_blocks(longest, config, grey, cpus)
+    cut = train_blocks(table.iloc[longest], config, grey, cpus)
     frames = [
-        chunk.assign(epoch=epoch)
-        for epoch, rows in epochs.items()
-        for chunk in _chunks(rows, config.modalities, cut.task)
-        if len(chunk)
+        pd.DataFrame({"epoch": np.full(len(part), epoch), "sample": part})
+        for epoch, samples in epochs.items()
+        for part in np.split(np.asarray(samples), range(cut.task, len(samples), cut.task))
+        if len(part)
     ]
-    if not frames:  # a rank with no rows: one empty chunk, of the same columns
-        frames = [_chunks(longest, config.modalities, cut.task)[0].assign(epoch=0)]
+    if not frames:  # a rank with no rows
+        frames = [pd.DataFrame({"epoch": np.zeros(0, int), "sample": np.zeros(0, int)})]
     augment = {
+        "table": ray.put(_columns(table, config.modalities)),
         "block": cut.block,
         "modalities": config.modalities,
         "grey": grey,
@@ -346,5 +381,5 @@ def val_dataset(
         return (
             _from_table(rows, config.modalities, cut.task)
             .map_batches(read_batch, fn_kwargs=read, batch_size=cut.block)  # type: ignore[arg-type]
-            .drop_columns(["image_id", "sample"])
+            .drop_columns(["image_id"])
         )

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import pandas as pd
+import numpy as np
 import ray
 import ray.data
 import ray.train
@@ -105,14 +105,16 @@ class Worker:
         if not epochs:  # a resume of a run that reached --max-steps or its last epoch
             return self._close_log()
         config = self.config
-        dataset = pipeline.train_dataset(epochs, config, self.grey, self.data_cpus)
+        dataset = pipeline.train_dataset(
+            self.train_table, epochs, config, self.grey, self.data_cpus
+        )
         pin = self.device.type == "cuda"
         blocks = iter(dataset.iter_torch_batches(batch_size=None, pin_memory=pin))
         # closed at the run's end: a run that stops early (divergence) stops its decoding
         with contextlib.closing(blocks):  # type: ignore[type-var]
-            for epoch, rows in epochs.items():
+            for epoch, places in epochs.items():
                 started = time.perf_counter()
-                batches = pipeline.epoch_batches(blocks, len(rows), config.batch_size, epoch)
+                batches = pipeline.epoch_batches(blocks, len(places), config.batch_size, epoch)
                 totals, data_wait = self._train_epoch(epoch, batches)
                 validating = time.perf_counter()
                 val_sum, val_n, counts, samples = self._validate_epoch()
@@ -131,19 +133,20 @@ class Worker:
         if self.log:
             self.log.close()
 
-    def _epochs(self) -> dict[int, pd.DataFrame]:
-        """Each epoch this attempt trains, with the rows this rank reads in it
-        (``pipeline.train_rows``), the rows past ``max_steps`` left out: every rank stops at the
-        same batch, as they step together."""
+    def _epochs(self) -> dict[int, np.ndarray]:
+        """Each epoch this attempt trains, with the places in the training table of the rows
+        this rank reads in it (``pipeline.train_samples``), those past ``max_steps`` left out:
+        every rank stops at the same batch, as they step together."""
         config, epochs, left = self.config, {}, self._steps_left()
+        images = len(self.train_table)
         for epoch in range(self.start_epoch, config.epochs):
             if left == 0:
                 break
-            rows = pipeline.train_rows(self.train_table, config.seed, epoch, self.rank, self.world)
+            places = pipeline.train_samples(images, config.seed, epoch, self.rank, self.world)
             if left is not None:
-                rows = rows.iloc[: left * config.grad_accum * config.batch_size]
+                places = places[: left * config.grad_accum * config.batch_size]
                 left = max(0, left - self.steps)
-            epochs[epoch] = rows
+            epochs[epoch] = places
         return epochs
 
     def _steps_left(self) -> int | None:

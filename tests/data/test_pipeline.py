@@ -33,21 +33,23 @@ def test_demo_data_is_cached_per_modality_set(tmp_path, monkeypatch):
     assert demo_data(TrainConfig(synth_images=6)) == plain  # made once
 
 
-def test_a_task_reads_about_a_second_of_images_in_whole_blocks_of_whole_batches():
+def test_a_task_reads_seconds_of_images_in_whole_blocks_of_whole_batches():
     cut = pipeline.blocks  # (rows, pixels read, bytes out a row, batch size, cpus)
     crop = 256 * 800 * 2  # a grey 256x800 crop and its mask
-    # 2**27 // 409,600 = 327 a task: 39 tasks of 323 -> 328 in whole batches; a block is at
-    # most 2**25 // (8 * crop) = 10 batches, so 5 blocks of 72
-    assert cut(12_568, 256 * 1600, crop, 8) == (360, 72, 72 * crop)
-    # 8 CPUs, 4,000 images: 32 tasks (4 a CPU) of 125 -> 128, 2 blocks of 64
-    assert cut(4000, 256 * 1600, crop, 8, cpus=8) == (128, 64, 64 * crop)
-    # 96 CPUs, 1,256 images: not 384 tasks of 4 images but 16 of 79 -> 80, a quarter of 327
-    assert cut(1256, 256 * 1600, crop, 8, cpus=96) == (80, 80, 80 * crop)
+    # 2**29 // 409,600 = 1,310 a task: 10 tasks of 1,257 -> 1,264 in whole batches; a block is
+    # at most 2**25 // (8 * crop) = 10 batches, so 16 blocks of 80
+    assert cut(12_568, 256 * 1600, crop, 8) == (1280, 80, 80 * crop)
+    # 2 CPUs, 4,000 images: 4 tasks of 1,000 -> 1,040
+    assert cut(4000, 256 * 1600, crop, 8, cpus=2) == (1040, 80, 80 * crop)
+    # 8 CPUs, 4,000 images: 8 tasks (one a CPU) of 500 -> 504, 7 blocks of 72
+    assert cut(4000, 256 * 1600, crop, 8, cpus=8) == (504, 72, 72 * crop)
+    # 96 CPUs, 1,256 images: not 96 tasks of 13 images but 4 of 314 -> 320, a quarter of 1,310
+    assert cut(1256, 256 * 1600, crop, 8, cpus=96) == (320, 80, 80 * crop)
     # an epoch of 3 images, or none: one batch
     assert cut(3, 256 * 1600, crop, 8) == (8, 8, 8 * crop)
     assert cut(0, 256 * 1600, crop, 8).task == 8
-    # images larger than a block: a batch is a block, a task 2**27 // 2**24 = 8 rows
-    assert cut(100, 4096 * 4096, 4096 * 4096 * 4, 8) == (8, 8, 8 * 4096 * 4096 * 4)
+    # images larger than a block: a batch is a block, a task 2**29 // 2**24 = 32 rows
+    assert cut(100, 4096 * 4096, 4096 * 4096 * 4, 8) == (32, 8, 8 * 4096 * 4096 * 4)
     # small whole images: 1,000 of them are less than a task's pixels, one task of 1,000
     assert cut(1000, 32 * 160, 32 * 160 * 2, 8) == (1000, 1000, 1000 * 32 * 160 * 2)
 
@@ -56,7 +58,8 @@ def test_a_block_carries_the_bytes_the_consumer_receives():
     table = pd.DataFrame({"height": [256] * 100, "width": [1600] * 100})
     config = TrainConfig(crop_height=256, crop_width=800, batch_size=8)
     grey = pipeline.train_blocks(table, config, grey=True, cpus=1)
-    assert grey == (56, 56, 56 * 256 * 800 * 2)  # 100 images: 2 tasks of 50 -> 56
+    # 100 images: one task of 100 -> 104, in 2 blocks of at most 80: 52 -> 56
+    assert grey == (112, 56, 56 * 256 * 800 * 2)
     # RGB: 3 bytes an image pixel and the mask's; validation reads whole images
     rgb = pipeline.val_blocks(table, config, grey=False, cpus=1)
     assert rgb.block_bytes == rgb.block * 256 * 1600 * 4

@@ -476,9 +476,10 @@ def test_a_ranks_batches_of_an_epoch_are_the_same_in_every_run(cluster, synth_di
         pipeline.ordered_context()
 
         def read(epochs, rank=1):
-            rows = {e: pipeline.train_rows(table, config.seed, e, rank, world=2) for e in epochs}
-            blocks = iter(pipeline.train_dataset(rows, config).iter_batches(batch_size=None))
-            read = {e: list(pipeline.epoch_batches(blocks, len(r), 4, e)) for e, r in rows.items()}
+            run = {e: pipeline.train_samples(60, config.seed, e, rank, world=2) for e in epochs}
+            dataset = pipeline.train_dataset(table, run, config)
+            blocks = iter(dataset.iter_batches(batch_size=None))
+            read = {e: list(pipeline.epoch_batches(blocks, len(p), 4, e)) for e, p in run.items()}
             assert next(blocks, None) is None
             return read
 
@@ -523,18 +524,18 @@ def test_an_epoch_comes_in_blocks_of_whole_batches_a_task_reading_several(
     monkeypatch.setattr(pipeline, "TASK_PIXELS", 24 * 64 * 320)  # 24 images a task at most
     monkeypatch.setattr(pipeline, "BLOCK_BYTES", 2 * 4 * 32 * 160 * 2)  # 2 grey batches
     cut = pipeline.train_blocks(table, config, grey=True, cpus=1)
-    assert cut.task == 16 and cut.block == 8  # 4 tasks (a CPU's 4) of 15 -> 16, 2 blocks
+    assert cut.task == 24 and cut.block == 8  # 3 tasks of 20 -> 24 (3 blocks), the last 12
     context = ray.data.DataContext.get_current()
     kept = (context.execution_options.preserve_order, context.target_max_block_size)
     try:
         pipeline.ordered_context()
-        dataset = pipeline.train_dataset({0: table}, config, grey=True, cpus=1)
+        dataset = pipeline.train_dataset(table, {0: np.arange(60)}, config, grey=True, cpus=1)
         blocks = list(dataset.iter_batches(batch_size=None))
         assert context.target_max_block_size == kept[1]  # the dataset's own, not the process's
-        other = pipeline.train_dataset({0: table}, config, grey=True, cpus=8)
+        other = pipeline.train_dataset(table, {0: np.arange(60)}, config, grey=True, cpus=8)
         batches = list(other.iter_batches(batch_size=4))
-        # two epochs of 49 rows: tasks of 16, 16, 16 and 1 each
-        two = pipeline.train_dataset({0: table.iloc[:49], 1: table.iloc[:49]}, config, True)
+        # two epochs of 49 rows: tasks of 24, 24 and 1 each
+        two = pipeline.train_dataset(table, {0: np.arange(49), 1: np.arange(49)}, config, True)
         two_blocks = [
             (int(b["epoch"][0]), len(b["epoch"])) for b in two.iter_batches(batch_size=None)
         ]
@@ -543,8 +544,8 @@ def test_an_epoch_comes_in_blocks_of_whole_batches_a_task_reading_several(
     assert [len(b["sample"]) for b in blocks] == [8] * 7 + [4]
     assert blocks[0]["image"].shape == (8, 32, 160, 1)
     assert sorted(np.concatenate([b["sample"] for b in blocks]).tolist()) == list(range(60))
-    assert re.search(r"MapBatches\(train_task\): 4 tasks executed, 8 blocks", dataset.stats())
-    # 8 CPUs: not 32 tasks but 10 of 6 (a quarter of 24) -> 8, the same images in order
+    assert re.search(r"MapBatches\(train_task\): 3 tasks executed, 8 blocks", dataset.stats())
+    # 8 CPUs: 8 tasks (one a CPU) of 8, the same images in order
     assert pipeline.train_blocks(table, config, grey=True, cpus=8).task == 8
     np.testing.assert_array_equal(
         np.concatenate([b["image"] for b in batches]),
