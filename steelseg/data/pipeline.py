@@ -1,9 +1,9 @@
-"""Ray Data pipelines from the catalog table to a Train worker: a rank's training batches of a
-whole run in one dataset, its validation batches in one an epoch.
+"""The data pipelines from the catalog table to a Train worker: a rank's training batches of a
+whole run from one Ray Data dataset, its validation batches read in the worker.
 
-A validation dataset's rows hold paths and RLE strings; a training dataset's an epoch and a
-place in the run's table of them, which the object store holds once. ``map_batches`` reads the
-JPEGs and decodes the masks into
+A training dataset's rows hold an epoch and a place in the run's table of paths and RLE
+strings, which the object store holds once. ``map_batches`` reads the JPEGs and decodes the
+masks into
 uint8 NumPy batches (``image`` (B, H, W, C), ``mask`` (B, H, W) with bit c set for class c + 1,
 so all four classes cost one byte a pixel in the object store); the training set is then
 augmented with albumentations. Floats appear only on the worker (``steelseg.model.inputs``).
@@ -30,8 +30,8 @@ slices into batches without copying, where several batches of a block would be c
 first.
 """
 
+import concurrent.futures
 import contextlib
-import itertools
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 import ray
 import ray.data
+import torch
 
 from steelseg.config import TrainConfig
 from steelseg.data import augment, rle
@@ -153,21 +154,8 @@ def train_blocks(table: pd.DataFrame, config: TrainConfig, grey: bool, cpus: int
     return blocks(len(table), height * width, row_bytes, config.batch_size, cpus)
 
 
-def val_blocks(table: pd.DataFrame, config: TrainConfig, grey: bool, cpus: int) -> Blocks:
-    height, width = _size(table)
-    pixels = height * width
-    return blocks(len(table), pixels, pixels * _channels(config, grey), config.batch_size, cpus)
-
-
 def _columns(table: pd.DataFrame, modalities: list[str]) -> pd.DataFrame:
     return table[["image_id", *path_columns(modalities), *RLE_COLUMNS]].reset_index(drop=True)
-
-
-def _from_table(table: pd.DataFrame, modalities: list[str], task_rows: int) -> ray.data.Dataset:
-    """The rows in order, ``task_rows`` to a block (one task reads one)."""
-    rows = _columns(table, modalities)
-    bounds = [*range(0, len(rows), task_rows), len(rows)] if len(rows) else [0, 0]
-    return ray.data.from_pandas([rows.iloc[a:b] for a, b in itertools.pairwise(bounds)])
 
 
 @contextlib.contextmanager
@@ -352,34 +340,47 @@ def epoch_batches(
 ) -> Iterator[dict[str, Any]]:
     """``epoch``'s ``rows`` in batches of ``batch_size`` (the last one the rest), sliced without
     copying from the next blocks of a run's ``train_dataset`` (``iter_torch_batches`` with
-    ``batch_size=None``), leaving the next epoch's blocks in ``blocks``."""
+    ``batch_size=None``), leaving the next epoch's blocks in ``blocks``. A block of another
+    epoch, or one that is not whole batches but the epoch's last, is an error, not a short
+    batch."""
     left = rows
     while left > 0:
         block = next(blocks, None)
         if block is None:
             raise RuntimeError(f"the training data ended {left} rows before epoch {epoch}'s end")
-        n = len(block["epoch"])
-        if n == 0:
+        n = len(block.get("epoch", ()))
+        if n == 0:  # a task that read no rows
             continue
         got = int(block["epoch"][0])
-        if got != epoch or n > left:
+        if got != epoch or n > left or (n % batch_size and n != left):
             raise RuntimeError(
                 f"a block of {n} rows of epoch {got} where epoch {epoch} has {left} rows left"
+                f" in batches of {batch_size}"
             )
         for start in range(0, n, batch_size):
             yield {k: v[start : start + batch_size] for k, v in block.items() if k != "epoch"}
         left -= n
 
 
-def val_dataset(
-    rows: pd.DataFrame, config: TrainConfig, grey: bool = False, cpus: int = 1
-) -> ray.data.Dataset:
-    """A rank's validation batches from its ``val_rows``: whole images, nothing random."""
-    cut = val_blocks(rows, config, grey, cpus)
-    read = {"modalities": config.modalities, "grey": grey}
-    with _block_per_batch(cut):
-        return (
-            _from_table(rows, config.modalities, cut.task)
-            .map_batches(read_batch, fn_kwargs=read, batch_size=cut.block)  # type: ignore[arg-type]
-            .drop_columns(["image_id"])
-        )
+def val_batches(
+    rows: pd.DataFrame, config: TrainConfig, grey: bool = False
+) -> Iterator[dict[str, torch.Tensor]]:
+    """A rank's validation batches from its ``val_rows`` (``read_batch``: whole images, nothing
+    random), read in this process, a thread reading the next batch while the caller uses one.
+    Not through Ray Data: the run's training dataset goes on decoding the next epoch while the
+    loop validates, and once its output fills its object-store budget its tasks wait holding
+    their CPUs, where a validation dataset's tasks would wait for them in turn."""
+    table = _columns(rows, config.modalities)
+    parts = [table.iloc[a : a + config.batch_size] for a in range(0, len(table), config.batch_size)]
+
+    def read(part: pd.DataFrame) -> dict[str, torch.Tensor]:
+        batch = read_batch({c: part[c].to_numpy() for c in part.columns}, config.modalities, grey)
+        return {"image": torch.from_numpy(batch["image"]), "mask": torch.from_numpy(batch["mask"])}
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        ahead = pool.submit(read, parts[0]) if parts else None
+        for following in [*parts[1:], None]:
+            batch = ahead.result() if ahead else None
+            ahead = pool.submit(read, following) if following is not None else None
+            if batch is not None:
+                yield batch

@@ -155,12 +155,6 @@ class Worker:
             return None
         return max(0, self.config.max_steps - self.training.optimizer_steps)
 
-    def _batches(self, dataset: ray.data.Dataset | None) -> Iterable:
-        if dataset is None:
-            return []
-        pin = self.device.type == "cuda"
-        return dataset.iter_torch_batches(batch_size=self.config.batch_size, pin_memory=pin)
-
     def _train_epoch(self, epoch: int, batches: Iterable) -> tuple[EpochTotals, float]:
         """The epoch's totals and the seconds spent waiting for ``batches``."""
         config, training = self.config, self.training
@@ -198,12 +192,9 @@ class Worker:
         model = self.training.model
         broadcast_buffers(model)
         rows = pipeline.val_rows(self.val_table, self.rank, self.world)
-        dataset = None
-        if len(rows):
-            dataset = pipeline.val_dataset(rows, self.config, self.grey, self.data_cpus)
         return validate_one_epoch(
             model,
-            self._batches(dataset),
+            pipeline.val_batches(rows, self.config, self.grey),
             self.loss_fn,
             self.device,
             threshold=self.config.threshold,

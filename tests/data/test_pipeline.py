@@ -60,9 +60,11 @@ def test_a_block_carries_the_bytes_the_consumer_receives():
     grey = pipeline.train_blocks(table, config, grey=True, cpus=1)
     # 100 images: one task of 100 -> 104, in 2 blocks of at most 80: 52 -> 56
     assert grey == (112, 56, 56 * 256 * 800 * 2)
-    # RGB: 3 bytes an image pixel and the mask's; validation reads whole images
-    rgb = pipeline.val_blocks(table, config, grey=False, cpus=1)
-    assert rgb.block_bytes == rgb.block * 256 * 1600 * 4
+    # RGB: 3 bytes an image pixel and the mask's; no crop: whole images
+    rgb = pipeline.train_blocks(table, config, grey=False, cpus=1)
+    assert rgb.block_bytes == rgb.block * 256 * 800 * 4
+    whole = pipeline.train_blocks(table, TrainConfig(batch_size=8), grey=True, cpus=1)
+    assert whole.block_bytes == whole.block * 256 * 1600 * 2
     # visible and infrared: 3 + 1 channels, or 1 + 1 read grey, and the mask's byte
     fused = TrainConfig(crop_height=256, crop_width=800, modalities=["visible", "ir"])
     rgb_ir = pipeline.train_blocks(table, fused, grey=False, cpus=1)
@@ -151,5 +153,24 @@ def test_an_epoch_given_another_epochs_rows_or_too_few_fails_naming_both():
         list(pipeline.epoch_batches(iter([_block(1, range(8))]), 8, 4, epoch=0))
     with pytest.raises(RuntimeError, match="a block of 8 rows of epoch 0 where epoch 0 has 6"):
         list(pipeline.epoch_batches(iter([_block(0, range(8))]), 6, 4, epoch=0))
+    with pytest.raises(RuntimeError, match="of 6 rows of epoch 0 where epoch 0 has 11 rows left"):
+        list(pipeline.epoch_batches(iter([_block(0, range(6))]), 11, 4, epoch=0))
+    empty = iter([{}, _block(0, range(4))])  # a task that read no rows emits a bare block
+    assert len(list(pipeline.epoch_batches(empty, 4, 4, epoch=0))) == 1
     with pytest.raises(RuntimeError, match="ended 4 rows before epoch 2's end"):
         list(pipeline.epoch_batches(iter([_block(2, range(4))]), 8, 4, epoch=2))
+
+
+def test_validation_reads_every_row_in_order_in_batches_of_whole_images(tmp_path):
+    from steelseg.data import catalog, synth
+
+    data = synth.write_dataset(tmp_path / "data", 10, height=64, width=320, seed=0)
+    rows = pipeline.val_rows(catalog.load(data, decode_images=False), rank=1, world=2)
+    config = TrainConfig(batch_size=2)
+    batches = list(pipeline.val_batches(rows, config, grey=True))
+    assert [len(b["image"]) for b in batches] == [2, 2, 1]  # rows 1, 3, 5, 7, 9
+    read = pipeline.read_batch({c: rows[c].to_numpy() for c in rows}, config.modalities, True)
+    np.testing.assert_array_equal(np.concatenate([b["image"] for b in batches]), read["image"])
+    np.testing.assert_array_equal(np.concatenate([b["mask"] for b in batches]), read["mask"])
+    assert batches[0]["image"].shape == (2, 64, 320, 1)
+    assert list(pipeline.val_batches(rows.iloc[:0], config)) == []
