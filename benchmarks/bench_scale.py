@@ -1083,9 +1083,9 @@ def cores_per_gpu(rows: list[dict]) -> dict:
 
 
 def pipeline_epoch(data: str, crop: tuple[int, int], batch: int, grey: bool) -> None:
-    """One epoch of the training pipeline over ``data`` consumed in this process as a Train
-    worker reads it (``bench_pipeline``'s Ray Data side, one CPU); prints, last, the images,
-    the epoch's seconds and the seconds to its first batch."""
+    """One epoch of the training pipeline over ``data`` consumed in this process (a
+    ``train_dataset`` of that epoch alone, one CPU); prints, last, the images, the epoch's
+    seconds and the seconds to its first batch."""
     import ray
     from bench_pipeline import consume
 

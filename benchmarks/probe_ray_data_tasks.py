@@ -1,7 +1,6 @@
 """Where Ray Data's time goes between the work: each decode process's busy share, the gaps
 between its tasks, and the CPU each process of the machine used, over epochs each read through a
-``pipeline.train_dataset`` of its own (a Train worker reads all its epochs from one), as a Train
-worker reads them.
+``pipeline.train_dataset`` of its own (a Train worker reads all its epochs from one dataset).
 
     python benchmarks/probe_ray_data_tasks.py --data DATA --images 4000     # 256x1600 data
     python benchmarks/probe_ray_data_tasks.py --data DATA --task-pixels 16777216 --block-bytes 0

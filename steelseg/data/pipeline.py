@@ -20,7 +20,8 @@ ranks afterwards, so the shares need not be equal.
 How the work is cut (``Blocks``; docs/performance.md, Data pipeline, has the measurements): a
 Ray Data task costs a tenth of a second or more beyond its work (its dispatch, and the executor
 noticing its end, which it checks at most every 0.1 s while another task runs), so a task reads
-seconds of images, and each of a rank's CPUs has a task of every epoch. A rank reads all its
+seconds of images, and an epoch has a task for each of a rank's CPUs unless that would make
+tasks under a quarter of that size. A rank reads all its
 training epochs from one dataset, so an epoch's end leaves no core idle (the next epoch's tasks
 are already running) and the executor's start, about a second of one task before it uses its
 CPUs, comes once a run. A training task reads and augments each image in one function
@@ -32,6 +33,7 @@ first.
 
 import concurrent.futures
 import contextlib
+import hashlib
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -51,8 +53,7 @@ from steelseg.errors import SteelsegError
 # a task reads about this many pixels: 1,310 images at 256x1600, 3.5 s of decoding on one core
 TASK_PIXELS = 2**29
 MAX_ROWS_PER_TASK = 4096
-# at least, an epoch's: each of a rank's CPUs has a task of every epoch (and the tasks it runs
-# ahead of the one the loop reads hold at most about an epoch's output)
+# at least, an epoch's, as long as no task falls under a quarter of TASK_PIXELS
 TASKS_PER_CPU = 1
 BLOCK_BYTES = 2**25  # what a block carries at most (32 MiB: 80 grey 256x800 crops and masks)
 
@@ -235,23 +236,35 @@ def ordered_context() -> None:
     context.enable_progress_bars = False
 
 
-# the training tables this process's tasks were given, by their object's id: fetched once
+# the training tables this process's tasks were given, by their contents' hash: fetched once
 _TABLES: dict[str, pd.DataFrame] = {}
 
 
-def _table(ref: ray.ObjectRef) -> pd.DataFrame:
-    """The table behind ``ref``, fetched once a process: a run's tasks share it."""
-    key = ref.hex()
-    if key not in _TABLES:
+class Table(NamedTuple):
+    """A table in the object store and the hash of its contents: the ranks of a run each put
+    the same table, and a process that reads for several of them fetches it once."""
+
+    key: str
+    ref: ray.ObjectRef
+
+
+def _shared(table: pd.DataFrame) -> Table:
+    digest = hashlib.sha1(pd.util.hash_pandas_object(table).to_numpy().tobytes()).hexdigest()
+    return Table(f"{digest}-{len(table)}", ray.put(table))
+
+
+def _table(table: Table) -> pd.DataFrame:
+    """The table behind ``table``, fetched once a process."""
+    if table.key not in _TABLES:
         if len(_TABLES) >= 4:  # runs come and go in a long-lived Ray worker process
             _TABLES.clear()
-        _TABLES[key] = ray.get(ref)
-    return _TABLES[key]
+        _TABLES[table.key] = ray.get(table.ref)
+    return _TABLES[table.key]
 
 
 def train_task(
     rows: dict[str, np.ndarray],
-    table: ray.ObjectRef,
+    table: Table,
     block: int,
     modalities: list[str],
     grey: bool,
@@ -315,7 +328,7 @@ def train_dataset(
     if not frames:  # a rank with no rows
         frames = [pd.DataFrame({"epoch": np.zeros(0, int), "sample": np.zeros(0, int)})]
     augment = {
-        "table": ray.put(_columns(table, config.modalities)),
+        "table": _shared(_columns(table, config.modalities)),
         "block": cut.block,
         "modalities": config.modalities,
         "grey": grey,
