@@ -5,8 +5,8 @@ epoch's dataset, and how many decode tasks run, sampled at every scheduling deci
     python benchmarks/probe_ray_data_limits.py --size 64x320 --images 1562
 
 Ray starts with ``--cpus`` CPUs; each epoch reads its rows through a ``pipeline.train_dataset`` of
-its own and ``iter_torch_batches``: a new executor each epoch, as each validation has (a Train
-worker reads all its training epochs from one dataset).
+its own and ``iter_torch_batches``: a new executor each epoch (a Train worker reads all its
+training epochs from one dataset).
 Ray Data 2.60 takes its limits from the reservation its autoscaling coordinator (an actor) makes
 for each executor; the resource manager asks for it without waiting and caches what it has for
 a second, so a new executor runs with CPU limits of 0 until the answer arrives, and meanwhile

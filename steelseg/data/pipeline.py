@@ -250,7 +250,7 @@ class Table(NamedTuple):
 
 def _shared(table: pd.DataFrame) -> Table:
     digest = hashlib.sha1(pd.util.hash_pandas_object(table).to_numpy().tobytes()).hexdigest()
-    return Table(f"{digest}-{len(table)}", ray.put(table))
+    return Table(f"{digest}-{len(table)}-{'-'.join(table.columns)}", ray.put(table))
 
 
 def _table(table: Table) -> pd.DataFrame:
@@ -376,10 +376,11 @@ def epoch_batches(
 
 
 def val_batches(
-    rows: pd.DataFrame, config: TrainConfig, grey: bool = False
+    rows: pd.DataFrame, config: TrainConfig, grey: bool = False, pin: bool = False
 ) -> Iterator[dict[str, torch.Tensor]]:
     """A rank's validation batches from its ``val_rows`` (``read_batch``: whole images, nothing
-    random), read in this process, a thread reading the next batch while the caller uses one.
+    random), read in this process, a thread reading the next batch while the caller uses one
+    (``pin``: into pinned memory, for a copy to the GPU that overlaps compute).
     Not through Ray Data: the run's training dataset goes on decoding the next epoch while the
     loop validates, and once its output fills its object-store budget its tasks wait holding
     their CPUs, where a validation dataset's tasks would wait for them in turn."""
@@ -388,12 +389,16 @@ def val_batches(
 
     def read(part: pd.DataFrame) -> dict[str, torch.Tensor]:
         batch = read_batch({c: part[c].to_numpy() for c in part.columns}, config.modalities, grey)
-        return {"image": torch.from_numpy(batch["image"]), "mask": torch.from_numpy(batch["mask"])}
+        tensors = {k: torch.from_numpy(batch[k]) for k in ("image", "mask")}
+        return {k: v.pin_memory() for k, v in tensors.items()} if pin else tensors
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
         ahead = pool.submit(read, parts[0]) if parts else None
         for following in [*parts[1:], None]:
             batch = ahead.result() if ahead else None
             ahead = pool.submit(read, following) if following is not None else None
             if batch is not None:
                 yield batch
+    finally:  # a caller that stops early does not wait for the batch being read
+        pool.shutdown(wait=False, cancel_futures=True)

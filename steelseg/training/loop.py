@@ -2,8 +2,9 @@
 epoch metrics -> save. Every rank runs it; only rank 0 writes TensorBoard logs, the history and
 checkpoint files, and every rank calls ``ray.train.report`` once per epoch.
 
-Each rank reads its own rows through Ray Data (``steelseg.data.pipeline``): the epoch's share of
-the training split, seeded by the epoch, and its share of the validation split. A run whose
+Each rank reads its share of the training split through Ray Data, every epoch of the run from one
+dataset, each epoch's share seeded by the epoch, and its share of the validation split in its own
+process (``steelseg.data.pipeline``). A run whose
 loss becomes NaN or infinite stops at the end of that epoch, all ranks together (they see the
 all-reduced loss), without a checkpoint, and reports where (``diverged``).
 """
@@ -19,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import ray
-import ray.data
 import ray.train
 import ray.train.torch
 import torch
@@ -194,7 +194,7 @@ class Worker:
         rows = pipeline.val_rows(self.val_table, self.rank, self.world)
         return validate_one_epoch(
             model,
-            pipeline.val_batches(rows, self.config, self.grey),
+            pipeline.val_batches(rows, self.config, self.grey, pin=self.device.type == "cuda"),
             self.loss_fn,
             self.device,
             threshold=self.config.threshold,
