@@ -106,7 +106,8 @@ def train_batch(
 
 class Blocks(NamedTuple):
     """How an epoch's rows are cut: ``task`` rows a Ray Data task reads, ``block`` rows a block
-    (one ``map_batches`` batch) carries, and ``block_bytes`` the bytes of a full block."""
+    (one part a task augments and emits) carries, and ``block_bytes`` the bytes of a full
+    block."""
 
     task: int
     block: int

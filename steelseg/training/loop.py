@@ -79,6 +79,7 @@ class Worker:
         self.data_cpus = data_cpus(config, context.get_local_world_size())
         pipeline.warm_up(config, self.data_cpus)
         self.device = ray.train.torch.get_device()
+        self.pin = self.device.type == "cuda"  # batches in pinned memory, copied while computing
         self.amp = autocast_dtype(self.device, config.amp) is not None
         self.channels_last = prefers_channels_last(self.device, self.amp)
         self.sender = progress.Sender(loop_config.get("progress") if self.rank == 0 else None)
@@ -102,14 +103,18 @@ class Worker:
 
     def run(self) -> None:
         epochs = self._epochs()
-        if not epochs:  # a resume of a run that reached --max-steps or its last epoch
-            return self._close_log()
+        if epochs:  # none: a resume of a run that reached --max-steps or its last epoch
+            self._run_epochs(epochs)
+        if self.log:
+            self.log.close()
+
+    def _run_epochs(self, epochs: dict[int, np.ndarray]) -> None:
+        """Train, validate and save each of ``epochs``, all read from one training dataset."""
         config = self.config
         dataset = pipeline.train_dataset(
             self.train_table, epochs, config, self.grey, self.data_cpus
         )
-        pin = self.device.type == "cuda"
-        blocks = iter(dataset.iter_torch_batches(batch_size=None, pin_memory=pin))
+        blocks = iter(dataset.iter_torch_batches(batch_size=None, pin_memory=self.pin))
         # closed at the run's end: a run that stops early (divergence) stops its decoding
         with contextlib.closing(blocks):  # type: ignore[type-var]
             for epoch, places in epochs.items():
@@ -127,11 +132,6 @@ class Worker:
                 self._save(epoch, metrics, samples)
                 if "diverged" in metrics or self._steps_left() == 0:
                     break
-        self._close_log()
-
-    def _close_log(self) -> None:
-        if self.log:
-            self.log.close()
 
     def _epochs(self) -> dict[int, np.ndarray]:
         """Each epoch this attempt trains, with the places in the training table of the rows
@@ -194,7 +194,7 @@ class Worker:
         rows = pipeline.val_rows(self.val_table, self.rank, self.world)
         return validate_one_epoch(
             model,
-            pipeline.val_batches(rows, self.config, self.grey, pin=self.device.type == "cuda"),
+            pipeline.val_batches(rows, self.config, self.grey, self.pin),
             self.loss_fn,
             self.device,
             threshold=self.config.threshold,
