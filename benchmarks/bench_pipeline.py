@@ -146,7 +146,7 @@ def with_ray(
         pipeline.ordered_context()  # as a Train worker reads: one rank, its epoch's rows in order
         started = time.perf_counter()
         if warm:  # as a Train worker does while it builds its model
-            ray.get(pipeline.warm_up(config, processes))
+            pipeline.warm_up(config, processes).wait()
         warm_s = time.perf_counter() - started
         rates = []
         run = {e: pipeline.train_samples(len(rows), config.seed, e, 0, 1) for e in range(epochs)}
