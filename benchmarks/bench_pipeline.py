@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import record, table
+from common import record, start_ray_data_actors, table
 
 from steelseg.config import TrainConfig
 from steelseg.data import augment, catalog, pipeline, rle, synth
@@ -134,7 +134,8 @@ def with_ray(
     rows, config, processes: int, epochs: int, grey: bool, allocator: bool = True, warm=True
 ) -> tuple[list[float], int, str, float]:
     """Rates of each epoch, bytes per image, the last epoch's Ray Data stats and the seconds of
-    ``pipeline.warm_up`` (``warm``: done before the first epoch, as a Train worker starts it).
+    the warm-up (``warm``: ``pipeline.warm_up``, as a Train worker starts it while it builds its
+    model, and Ray Data's coordinator, which Ray Train's controller starts before its workers).
     ``allocator=False`` turns off Ray Data's per-operator resource reservation (a kill-switch
     Ray marks for removal; measured, not used by steelseg)."""
     import ray
@@ -145,8 +146,9 @@ def with_ray(
         context.op_resource_reservation_enabled = allocator
         pipeline.ordered_context()  # as a Train worker reads: one rank, its epoch's rows in order
         started = time.perf_counter()
-        if warm:  # as a Train worker does while it builds its model
-            pipeline.warm_up(config, processes).wait()
+        if warm:  # as a Train run has them before its first batch
+            ray.get(pipeline.warm_up(config, processes))
+            start_ray_data_actors()
         warm_s = time.perf_counter() - started
         rates = []
         run = {e: pipeline.train_samples(len(rows), config.seed, e, 0, 1) for e in range(epochs)}

@@ -77,3 +77,13 @@ def table(rows: list[dict], columns: list[str]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+def start_ray_data_actors() -> None:
+    """Start Ray Data's autoscaling coordinator (and its stats actor) with a dataset of one row,
+    as Ray Train's controller starts the coordinator before a run's workers exist: a
+    benchmark's dataset then gets its CPU limit as a Train worker's does, at the executor's
+    first refresh, not after the seconds a job's first coordinator takes to start."""
+    import ray
+
+    ray.data.range(1, override_num_blocks=1).materialize()

@@ -65,7 +65,7 @@ def probe(
     try:
         pipeline.ordered_context()
         ray.data.DataContext.get_current().execution_options.preserve_order = ordered
-        pipeline.warm_up(config, cpus).wait()
+        ray.get(pipeline.warm_up(config, cpus))
         for epoch in range(epochs):
             epoch_rows = pipeline.train_rows(rows, config.seed, epoch, rank=0, world=1)
             places = {epoch: epoch_rows.index.to_numpy()}

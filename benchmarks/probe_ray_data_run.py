@@ -81,7 +81,7 @@ def probe(rows, config, cpus: int, epochs: int, variant: tuple, spans: str) -> d
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
         pipeline.ordered_context()
-        pipeline.warm_up(config, cpus).wait()
+        ray.get(pipeline.warm_up(config, cpus))
         start = time.time()
         ends: list[float] = []
         first_batch = 0.0

@@ -85,7 +85,7 @@ def probe(rows, config, cpus: int, epochs: int, spans: str) -> list[dict]:
     out = []
     try:
         pipeline.ordered_context()
-        pipeline.warm_up(config, cpus).wait()
+        ray.get(pipeline.warm_up(config, cpus))
         for epoch in range(epochs):
             Path(spans).unlink(missing_ok=True)
             epoch_rows = pipeline.train_rows(rows, config.seed, epoch, rank=0, world=1)

@@ -145,10 +145,15 @@ def pytest_collection_modifyitems(items):
     """Every test that needs the Ray cluster, the shared run or the sweep (which starts a Ray of
     its own), directly or through a fixture, is marked ``ray``, so ``pytest -m "not ray"`` runs
     the rest; and those tests run last, so that the rest run while the shared run and the sweep
-    train in the background (``start_the_ray_runs``)."""
+    train in the background (``start_the_ray_runs``). A test whose set-up waits for the shared
+    run or the sweep has the time limit of that wait (their fixtures' own deadlines), not the
+    suite's per-test limit (pyproject.toml)."""
     for item in items:
-        if {"cluster", "trained_run", "background_sweep"} & set(getattr(item, "fixturenames", ())):
+        names = set(getattr(item, "fixturenames", ()))
+        if {"cluster", "trained_run", "background_sweep"} & names:
             item.add_marker(pytest.mark.ray)
+        if {"trained_run", "background_sweep"} & names:
+            item.add_marker(pytest.mark.timeout(1800))
     items.sort(key=lambda item: item.get_closest_marker("ray") is not None)  # stable
 
 

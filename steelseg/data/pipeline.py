@@ -34,7 +34,6 @@ first.
 import concurrent.futures
 import contextlib
 import hashlib
-import threading
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -220,37 +219,14 @@ def _warm(crop_height: int, crop_width: int, defect_crops: float) -> int:
     return os.getpid()
 
 
-class WarmUp(NamedTuple):
-    """What ``warm_up`` started: the import tasks, and the thread running a dataset of one row."""
-
-    tasks: list[ray.ObjectRef]
-    actors: threading.Thread
-
-    def wait(self) -> None:
-        ray.get(self.tasks)
-        self.actors.join()
-
-
-def _start_data_actors() -> None:
-    """Run a dataset of one row, which starts Ray Data's job-wide actors: its autoscaling
-    coordinator, from which each executor takes its CPU limit, and its stats actor."""
-    ray.data.range(1, override_num_blocks=1).materialize()
-
-
-def warm_up(config: TrainConfig, processes: int) -> WarmUp:
-    """Start what a run's first batch would otherwise wait for, so that it overlaps the caller's
-    own set-up (a Train worker building its model): ``processes`` tasks that import the
-    pipeline's modules into Ray's idle worker processes, where the first epoch's decode tasks
-    run next, and, in a thread of this process, Ray Data's job-wide actors. A new executor runs
-    one task until the coordinator grants its CPU limit, and the job's first coordinator takes
-    seconds to start. Nothing need wait for the result; the thread is a daemon, so a cluster
-    with no CPU free for its one row does not hold the process at exit."""
+def warm_up(config: TrainConfig, processes: int) -> list[ray.ObjectRef]:
+    """Start ``processes`` tasks that import the pipeline's modules into Ray's idle worker
+    processes, where the first epoch's decode tasks run next, so that those imports overlap the
+    caller's own set-up (a Train worker building its model) rather than delay the first batch.
+    Returns their refs; nothing need wait for them."""
     task = ray.remote(num_cpus=1)(_warm)
     args = (config.crop_height, config.crop_width, config.defect_crops)
-    tasks = [task.remote(*args) for _ in range(max(1, processes))]
-    actors = threading.Thread(target=_start_data_actors, name="steelseg-warm-up", daemon=True)
-    actors.start()
-    return WarmUp(tasks, actors)
+    return [task.remote(*args) for _ in range(max(1, processes))]
 
 
 def ordered_context() -> None:

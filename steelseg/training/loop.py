@@ -75,10 +75,8 @@ class Worker:
         self.steps = recipe.steps_per_epoch(
             images, self.world, config.batch_size, config.grad_accum
         )
-        # the pipeline's imports in Ray's idle processes and Ray Data's actors while this
-        # process builds the model
+        # the pipeline's imports in Ray's idle processes while this one builds the model
         self.data_cpus = data_cpus(config, context.get_local_world_size())
-        pipeline.ordered_context()
         pipeline.warm_up(config, self.data_cpus)
         self.device = ray.train.torch.get_device()
         self.pin = self.device.type == "cuda"  # batches in pinned memory, copied while computing
@@ -100,6 +98,7 @@ class Worker:
         if self.rank == 0:
             self.log = EpochLog(runs.tensorboard_dir(self.run_dir), self.training.global_step)
             runs.trim_history(self.run_dir, self.start_epoch)
+        pipeline.ordered_context()
         self.nodes, self.pids = gather_workers()
 
     def run(self) -> None:

@@ -554,41 +554,6 @@ def test_an_epoch_comes_in_blocks_of_whole_batches_a_task_reading_several(
     assert two_blocks == [(0, 8)] * 6 + [(0, 1)] + [(1, 8)] * 6 + [(1, 1)]
 
 
-WARM_UP = """
-import json, os, ray
-from steelseg.config import TrainConfig
-from steelseg.data import pipeline
-ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-def names():
-    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
-before = names()
-warm = pipeline.warm_up(TrainConfig(crop_height=32, crop_width=160), 2)
-warm.wait()
-print(json.dumps({"before": before, "after": names(), "pids": ray.get(warm.tasks),
-                  "driver": os.getpid(), "thread_alive": warm.actors.is_alive()}))
-"""
-
-
-@pytest.mark.ray
-def test_the_warm_up_starts_ray_datas_coordinator_and_imports_in_other_processes():
-    """Before a run's dataset exists, Ray Data's autoscaling coordinator (which grants each new
-    executor its CPUs; until it answers an executor runs one task) is started, and the decode
-    modules are imported in Ray's worker processes, not the caller's. A new Ray instance of its
-    own: the test cluster's coordinator was started by earlier tests' datasets."""
-    import subprocess
-    import sys
-
-    done = subprocess.run(
-        [sys.executable, "-c", WARM_UP], capture_output=True, text=True, timeout=240
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
-    assert "AutoscalingCoordinator" not in seen["before"]
-    assert "AutoscalingCoordinator" in seen["after"]
-    assert len(seen["pids"]) == 2 and seen["driver"] not in seen["pids"]
-    assert not seen["thread_alive"]
-
-
 def test_a_data_set_without_a_defect_is_warned_of_before_training(
     data_copy, tmp_path, steelseg_log
 ):
