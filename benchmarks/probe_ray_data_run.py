@@ -3,10 +3,11 @@ against a dataset an epoch, and tasks of several sizes, over the same rows and w
 
     python benchmarks/probe_ray_data_run.py                       # 2,000 images of 256x1600
     python benchmarks/probe_ray_data_run.py --data DATA --images 4000 --epochs 4
+    python benchmarks/probe_ray_data_run.py --channels rgb --variants 3   # RGB, steelseg's cut
 
 Each variant starts Ray with ``--cpus`` CPUs, runs ``pipeline.warm_up`` and reads ``--epochs``
-epochs of ``--images`` rows (crops 256x800, grey, batches of 8) in this process, which does
-nothing else: ``run`` through one ``pipeline.train_dataset`` of all the epochs and
+epochs of ``--images`` rows (crops 256x800, ``--channels``, batches of 8) in this process,
+which does nothing else: ``run`` through one ``pipeline.train_dataset`` of all the epochs and
 ``pipeline.epoch_batches``, ``per-epoch`` through a ``train_dataset`` of each epoch alone.
 ``TASK_PIXELS`` and ``TASKS_PER_CPU`` are replaced as each variant names them. It prints each
 epoch's images/s, the rate over the epochs after the first (the figure compared), and, from
@@ -58,14 +59,14 @@ def timed(spans: str):
     return timed_train_task
 
 
-def epochs_of(one_dataset: bool, rows, config, cpus: int, run: dict):
+def epochs_of(one_dataset: bool, rows, config, cpus: int, run: dict, grey: bool):
     """Each epoch's batches, from one dataset or a dataset each."""
     if not one_dataset:
         for epoch, places in run.items():
-            dataset = pipeline.train_dataset(rows, {epoch: places}, config, True, cpus)
+            dataset = pipeline.train_dataset(rows, {epoch: places}, config, grey, cpus)
             yield dataset.iter_torch_batches(batch_size=config.batch_size)
         return
-    dataset = pipeline.train_dataset(rows, run, config, True, cpus)
+    dataset = pipeline.train_dataset(rows, run, config, grey, cpus)
     blocks = iter(dataset.iter_torch_batches(batch_size=None))
     for epoch, places in run.items():
         yield pipeline.epoch_batches(blocks, len(places), config.batch_size, epoch)
@@ -73,7 +74,7 @@ def epochs_of(one_dataset: bool, rows, config, cpus: int, run: dict):
         raise AssertionError("rows left after the last epoch")
 
 
-def probe(rows, config, cpus: int, epochs: int, variant: tuple, spans: str) -> dict:
+def probe(rows, config, cpus: int, epochs: int, variant: tuple, spans: str, grey: bool) -> dict:
     name, one_dataset, task_pixels, tasks_per_cpu = variant
     pipeline.TASK_PIXELS, pipeline.TASKS_PER_CPU = task_pixels, tasks_per_cpu
     Path(spans).unlink(missing_ok=True)
@@ -85,7 +86,7 @@ def probe(rows, config, cpus: int, epochs: int, variant: tuple, spans: str) -> d
         start = time.time()
         ends: list[float] = []
         first_batch = 0.0
-        epochs_read = epochs_of(one_dataset, rows, config, cpus, run)
+        epochs_read = epochs_of(one_dataset, rows, config, cpus, run, grey)
         for batches, places in zip(epochs_read, run.values()):
             taken = []
             for batch in batches:
@@ -105,7 +106,7 @@ def probe(rows, config, cpus: int, epochs: int, variant: tuple, spans: str) -> d
         elif end - start <= ends[0]:
             first[pid] = first.get(pid, 0.0) + end - begin
     later = ends[-1] - ends[0]
-    cut = pipeline.train_blocks(rows, config, True, cpus)
+    cut = pipeline.train_blocks(rows, config, grey, cpus)
     return {
         "variant": name,
         "task": cut.task,
@@ -128,21 +129,29 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each variant")
+    parser.add_argument("--channels", choices=["grey", "rgb"], default="grey")
+    parser.add_argument(
+        "--variants", default="0,1,2,3", help="which of VARIANTS, by index (3: steelseg's cut)"
+    )
     parser.add_argument("--json", default="ray_data_run_cpu2.json")
     args = parser.parse_args()
+    grey, chosen = args.channels == "grey", [VARIANTS[int(i)] for i in args.variants.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or synth.write_dataset(Path(tmp) / "data", args.images, seed=0)
         rows = catalog.load(data, decode_images=False).iloc[: args.images]
         config = TrainConfig(data=str(data), batch_size=8, crop_height=256, crop_width=800)
         pipeline.train_task = timed(f"{tmp}/spans.jsonl")
         found = [
-            probe(rows, config, args.cpus, args.epochs, variant, f"{tmp}/spans.jsonl")
+            probe(rows, config, args.cpus, args.epochs, variant, f"{tmp}/spans.jsonl", grey)
             for _ in range(args.repeats)
-            for variant in VARIANTS
+            for variant in chosen
         ]
     print(table(found, list(found[0])))
     if args.json:
-        record(found, args.json, images=len(rows), epochs=args.epochs, cpus=args.cpus)
+        record(
+            found, args.json, images=len(rows), epochs=args.epochs, cpus=args.cpus,
+            channels=args.channels,
+        )  # fmt: skip
 
 
 if __name__ == "__main__":
